@@ -1,0 +1,381 @@
+"""ParallelEngine: one object that owns this rank's model chunks and runs them under TP x PP x DP.
+
+The trainer builds exactly one engine and uses::
+
+    units = engine.global_units(microbatches, loss_fn)        # all-reduced over DP
+    out = engine.forward_backward(microbatches, loss_fn, units)
+    norm = engine.clip_grad_norm_(max_norm)
+    optimizer.step()                                          # optimizer over engine.parameters()
+
+Loss scaling contract: every micro-batch's ``loss_sum`` is divided by ``global_units`` (the units of
+the whole global batch: all DP ranks, all micro-batches) before backward, and all gradient
+reductions *sum* (FSDP divide factor 1, SP norm all-reduce, optional DDP-style all-reduce). The
+gradient is therefore that of the token-weighted global mean, whatever the split.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megatron_phi4.config import ModelConfig, ParallelConfig
+from megatron_phi4.distributed.data_parallel import all_reduce_grads, fsdp_dtypes, set_grad_sync
+from megatron_phi4.distributed.grad_clip import clip_grads_, global_grad_norm
+from megatron_phi4.distributed.parallel_dims import ParallelDims
+from megatron_phi4.distributed.pipeline import PipelineRunner, build_stage_module, split_layers, stages_of_rank
+from megatron_phi4.losses import sequence_log_probs as _sequence_log_probs
+from megatron_phi4.models.phi4 import parallelize as par
+from megatron_phi4.models.phi4.model import Phi4Model
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """The rectangle of the global tensor a local tensor holds."""
+
+    global_shape: tuple[int, ...]
+    global_offset: tuple[int, ...]
+    replicated: bool  # another rank holds the same data and writes it (write only if False)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def global_units(microbatches, loss_fn, dp_group=None, device=None) -> float:
+    """Units (tokens for LM, pairs for DPO) of the global batch: this rank's micro-batches summed,
+    then all-reduced over the DP group (pass ``dp_group``; None = no reduction). ``device``: where
+    the collective runs (a CUDA device under NCCL)."""
+    total = torch.zeros((), dtype=torch.float64)
+    for mb in microbatches:
+        total += float(loss_fn.units(mb))
+    if dp_group is not None and dist.is_initialized() and dist.get_world_size(dp_group) > 1:
+        total = total.to(device) if device is not None else total
+        dist.all_reduce(total, group=dp_group)
+    return float(total)
+
+
+class ParallelEngine:
+    """This rank's share of Phi-4 under the configured 3D layout.
+
+    Args:
+        model_cfg, parallel_cfg: the configuration (validated again here, before any collective).
+        dims: the layout from ``init_distributed`` / ``ParallelDims.build``.
+        seed: initialization seed; the parameters are bit-identical to ``build_model(cfg, seed=seed)``
+            sliced into this rank's shards (drawn one full tensor at a time, see ``_init_from_seed``).
+        device: defaults to ``dims.device``.
+        full_state_dict: load these full tensors (plain FQNs) instead of initializing.
+        sync_grads_every_microbatch: (pp == 1 with FSDP) reduce-scatter after every micro-batch instead
+            of accumulating unsharded fp32 gradients until the last one: more communication, but
+            saves 4 bytes x (params / tp) of memory (see docs/parallelism.md). Under PP the
+            pipeline stage always accumulates and reduces once.
+    """
+
+    def __init__(self, model_cfg: ModelConfig, parallel_cfg: ParallelConfig, dims: ParallelDims, *,
+                 seed: int = 0, device=None, full_state_dict: dict | None = None,
+                 sync_grads_every_microbatch: bool = False):
+        parallel_cfg.validate(model_cfg, dims.world_size)
+        self.model_cfg, self.parallel_cfg, self.dims = model_cfg, parallel_cfg, dims
+        self.device = torch.device(device) if device is not None else dims.device
+        self.tp, self.pp, self.dp = dims.tp, dims.pp, dims.dp
+        self.sequence_parallel = parallel_cfg.sequence_parallel and self.tp > 1
+        self.use_fsdp = parallel_cfg.dp_shard == "fsdp"
+        self.sync_grads_every_microbatch = sync_grads_every_microbatch
+        param_dtype, reduce_dtype = fsdp_dtypes(parallel_cfg.mixed_precision, self.device)
+        if param_dtype is not None and not self.use_fsdp:
+            raise NotImplementedError("bf16 mixed precision is implemented through FSDP2's MixedPrecisionPolicy; "
+                                      "use parallel.dp_shard='fsdp' (it also works with dp=1)")
+        self.act_dtype = param_dtype or torch.float32
+
+        virtual = parallel_cfg.virtual_stages if self.pp > 1 else 1
+        self.num_stages = self.pp * virtual
+        self.layer_split = split_layers(model_cfg.num_layers, self.num_stages,
+                                        parallel_cfg.pp_layers_per_stage if self.pp > 1 else None,
+                                        parallel_cfg.pp_embedding_cost, parallel_cfg.pp_head_cost)
+        self.stage_ids = stages_of_rank(dims.pp_rank, self.pp, virtual)
+        with torch.device("meta"):
+            self._global_shapes = {n: tuple(p.shape) for n, p in Phi4Model(model_cfg).named_parameters()}
+
+        tp_group = dims.tp_group if self.tp > 1 else None
+        self._tp_shard: dict[str, tuple[int | None, int]] = {}
+        self._sp_params: set[str] = set()
+        self.model_parts: list[nn.Module] = []
+        for sid in self.stage_ids:
+            part = build_stage_module(model_cfg, self.layer_split[sid], sid == 0, sid == self.num_stages - 1)
+            self._tp_shard.update(par.apply_tp(part, tp_group, self.tp))
+            if self.sequence_parallel:
+                self._sp_params.update(par.apply_sp(part))
+            par.apply_ac(part, parallel_cfg.recompute)
+            if self.use_fsdp:
+                # Under PP each micro-batch's backward comes later in the schedule: keeping the gathered
+                # parameters after forward avoids an all-gather per micro-batch (torchtitan does the same).
+                par.apply_fsdp(part, dims.dp_mesh, param_dtype=param_dtype, reduce_dtype=reduce_dtype,
+                               reshard_after_forward=self.pp == 1)
+            part.to_empty(device=self.device)
+            self.model_parts.append(part)
+
+        self._runner = None
+        if self.pp > 1:
+            self._runner = PipelineRunner(
+                self.model_parts, self.stage_ids, self.num_stages, dims.pp_group, parallel_cfg.pp_schedule,
+                self.device, model_cfg.hidden_size, model_cfg.vocab_size // self.tp,
+                self.tp if self.sequence_parallel else 1, self.act_dtype)
+        self._metric_names: dict[type, list[str]] = {}
+
+        if full_state_dict is None:
+            self._init_from_seed(seed)
+        else:
+            self.load_full_state_dict(full_state_dict)
+
+    # ------------------------------------------------------------------ parameters and shards
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        for part in self.model_parts:
+            yield from part.named_parameters()
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        for _, p in self.named_parameters():
+            yield p
+
+    def _tp_replicated(self, name: str) -> bool:
+        return self._tp_shard.get(name, (None, 0))[0] is None
+
+    def _shard_info(self, name: str, local: torch.Tensor) -> ShardInfo:
+        gshape = self._global_shapes[name]
+        offset = [0] * len(gshape)
+        tp_dim, tp_off = self._tp_shard.get(name, (None, 0))
+        tp_shape = list(gshape)
+        if tp_dim is not None:
+            offset[tp_dim] = tp_off
+            tp_shape[tp_dim] //= self.tp
+        if self.use_fsdp and self.dp > 1:  # FSDP2 shards dim 0 like torch.chunk
+            chunk = math.ceil(tp_shape[0] / self.dp)
+            offset[0] += min(self.dims.dp_rank * chunk, tp_shape[0])
+        replicated = (tp_dim is None and self.dims.tp_rank > 0) or (not self.use_fsdp and self.dims.dp_rank > 0)
+        return ShardInfo(tuple(gshape), tuple(offset), replicated)
+
+    def local_shards(self) -> dict[str, tuple[torch.Tensor, ShardInfo]]:
+        """{plain FQN: (local tensor, ShardInfo)} for every parameter this rank holds."""
+        out = {}
+        for name, p in self.named_parameters():
+            local = _local(p.data if not hasattr(p, "to_local") else p).detach()
+            out[name] = (local, self._shard_info(name, local))
+        return out
+
+    def shard_info(self, name: str) -> ShardInfo:
+        p = dict(self.named_parameters())[name]
+        return self._shard_info(name, _local(p))
+
+    @staticmethod
+    def _slice(full: torch.Tensor, local: torch.Tensor, info: ShardInfo) -> torch.Tensor:
+        idx = tuple(slice(o, o + n) for o, n in zip(info.global_offset, local.shape))
+        return full[idx]
+
+    @torch.no_grad()
+    def _init_from_seed(self, seed: int) -> None:
+        """Bit-identical to ``build_model(cfg, seed=seed)`` followed by slicing, without ever holding
+        the full model: the full tensors are drawn one at a time, in the full model's
+        ``named_parameters`` order from one generator (``Phi4Model.init_weights``' rule), and only this
+        rank's rectangle is kept. Peak extra memory: one full tensor (the 2 GB embedding for 14B)."""
+        cfg = self.model_cfg
+        std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2.0 * cfg.num_layers)
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        params = dict(self.named_parameters())
+        for name, shape in self._global_shapes.items():
+            full = torch.empty(shape)
+            if name.endswith("norm.weight"):
+                full.fill_(1.0)
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                full.normal_(0.0, out_std, generator=gen)
+            else:
+                full.normal_(0.0, std, generator=gen)
+            if name in params:
+                local = _local(params[name])
+                local.copy_(self._slice(full, local, self._shard_info(name, local)).to(local.device, local.dtype))
+
+    @torch.no_grad()
+    def load_full_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        """Copy this rank's rectangles out of full tensors (plain FQNs)."""
+        for name, p in self.named_parameters():
+            if name not in sd:
+                raise KeyError(f"load_full_state_dict: missing {name!r}")
+            if tuple(sd[name].shape) != self._global_shapes[name]:
+                raise ValueError(f"load_full_state_dict: {name} has shape {tuple(sd[name].shape)}, "
+                                 f"expected {self._global_shapes[name]}")
+            local = _local(p)
+            info = self._shard_info(name, local)
+            local.copy_(self._slice(sd[name], local, info).to(local.device, local.dtype))
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Full fp32 CPU tensors with plain FQNs on every rank (all-gathers every shard: small models,
+        tests and export only)."""
+        mine = {n: (t.cpu().clone(), info) for n, (t, info) in self.local_shards().items() if not info.replicated}
+        gathered: list = [None] * dist.get_world_size() if dist.is_initialized() else [mine]
+        if dist.is_initialized():
+            dist.all_gather_object(gathered, mine)
+        full: dict[str, torch.Tensor] = {}
+        for shards in gathered:
+            for name, (t, info) in shards.items():
+                if name not in full:
+                    full[name] = torch.zeros(info.global_shape, dtype=t.dtype)
+                idx = tuple(slice(o, o + n) for o, n in zip(info.global_offset, t.shape))
+                full[name][idx] = t
+        return {n: full[n] for n in self._global_shapes}
+
+    # ------------------------------------------------------------------ modes
+    def train(self, mode: bool = True) -> "ParallelEngine":
+        for part in self.model_parts:
+            part.train(mode)
+        return self
+
+    def eval(self) -> "ParallelEngine":
+        return self.train(False)
+
+    def set_rope_theta(self, theta: float) -> None:
+        for part in self.model_parts:
+            part.rope_theta = float(theta)
+
+    # ------------------------------------------------------------------ running
+    def global_units(self, microbatches, loss_fn) -> float:
+        return global_units(microbatches, loss_fn, self.dims.dp_group if self.dp > 1 else None, self.device)
+
+    @property
+    def _loss_tp_group(self):
+        return self.dims.tp_group if self.tp > 1 else None
+
+    def _prepare(self, mb: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        mb = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in mb.items()}
+        if mb.get("position_ids") is None:
+            # Explicit positions: under sequence parallelism a stage sees seq/tp hidden states and could
+            # not infer them; with them every stage builds the same RoPE tables.
+            b, s = mb["input_ids"].shape
+            mb["position_ids"] = torch.arange(s, device=self.device).expand(b, s).contiguous()
+        if self.sequence_parallel and mb["input_ids"].shape[1] % self.tp:
+            raise ValueError(f"sequence parallelism: sequence length {mb['input_ids'].shape[1]} is not divisible "
+                             f"by tp={self.tp}")
+        return mb
+
+    def _forward_local(self, mb: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.model_parts[0](mb["input_ids"], position_ids=mb["position_ids"],
+                                   document_ids=mb.get("document_ids"))
+
+    def _run(self, mbs, loss_cb, train: bool) -> None:
+        if self.pp == 1:
+            for i, mb in enumerate(mbs):
+                if train:
+                    set_grad_sync(self.model_parts, self.sync_grads_every_microbatch or i == len(mbs) - 1)
+                    loss_cb(self._forward_local(mb), i).backward()
+                else:
+                    with torch.no_grad():
+                        loss_cb(self._forward_local(mb), i)
+        else:
+            self._runner.run(mbs, loss_cb, train)
+
+    def _finish_grads(self) -> None:
+        params = dict(self.named_parameters())
+        if self._sp_params:  # norms saw only their sequence shard: sum over TP
+            all_reduce_grads([params[n] for n in sorted(self._sp_params) if n in params], self.dims.tp_group)
+        if not self.use_fsdp and self.dp > 1:
+            all_reduce_grads(list(params.values()), self.dims.dp_group)
+
+    def _losses(self, microbatches, loss_fn, global_units_: float, train: bool) -> dict:
+        mbs = [self._prepare(mb) for mb in microbatches]
+        records: dict[int, tuple[torch.Tensor, dict[str, torch.Tensor]]] = {}
+        scale = 1.0 / float(global_units_)
+
+        def loss_cb(logits, i):
+            out = loss_fn(logits, mbs[i], tp_group=self._loss_tp_group)
+            records[i] = (out.loss_sum.detach().float(), {k: v.detach().float() for k, v in out.metrics.items()})
+            return out.loss_sum * scale
+
+        self._run(mbs, loss_cb, train)
+        if train:
+            self._finish_grads()
+        return self._reduce_records(records, loss_fn, global_units_)
+
+    def _reduce_records(self, records, loss_fn, global_units_: float) -> dict:
+        has_loss = self.dims.is_last_stage
+        key = type(loss_fn)
+        if key not in self._metric_names:
+            names = sorted(next(iter(records.values()))[1]) if has_loss and records else None
+            if self.pp > 1:
+                obj = [names]
+                dist.broadcast_object_list(obj, group=self.dims.pp_group, group_src=self.pp - 1)
+                names = obj[0]
+            self._metric_names[key] = names or []
+        names = self._metric_names[key]
+        vec = torch.zeros(1 + len(names), dtype=torch.float64)
+        if has_loss and self.dims.tp_rank == 0:
+            for loss_sum, metrics in records.values():
+                vec[0] += float(loss_sum)
+                for j, n in enumerate(names):
+                    vec[1 + j] += float(metrics[n])
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            vec = vec.to(self.device) if self.device.type != "cpu" else vec
+            dist.all_reduce(vec)
+            vec = vec.cpu()
+        vec /= float(global_units_)
+        return {"loss": float(vec[0]), "metrics": {n: float(vec[1 + j]) for j, n in enumerate(names)}}
+
+    def forward_backward(self, microbatches: list[dict[str, torch.Tensor]], loss_fn, global_units: float) -> dict:
+        """Forward and backward of this rank's micro-batches (PP schedule when pp > 1).
+
+        Each micro-batch's ``loss_sum`` is divided by ``global_units`` before backward; gradients
+        accumulate into ``.grad`` (zero them between steps) and are reduced over DP (sum) after the
+        last micro-batch. Returns {"loss": global mean loss, "metrics": {name: global sum / units}}
+        (identical on every rank).
+        """
+        self.train()
+        return self._losses(microbatches, loss_fn, global_units, train=True)
+
+    def forward_only(self, microbatches, loss_fn, global_units: float) -> dict:
+        """Evaluation: same return value as ``forward_backward``, no gradients."""
+        return self._losses(microbatches, loss_fn, global_units, train=False)
+
+    def sequence_log_probs(self, microbatches) -> list[torch.Tensor]:
+        """Per-row sum of log p(labels) * loss_mask for every micro-batch (forward only), fp32 on CPU,
+        on every rank of the pipeline (e.g. DPO reference log-probs)."""
+        mbs = [self._prepare(mb) for mb in microbatches]
+        results: dict[int, torch.Tensor] = {}
+
+        def cb(logits, i):
+            mb = mbs[i]
+            mask = mb.get("loss_mask")
+            mask = (mb["labels"] >= 0).float() if mask is None else mask
+            results[i] = _sequence_log_probs(logits, mb["labels"], mask, self._loss_tp_group).detach().float()
+            return logits.new_zeros(())
+
+        self._run(mbs, cb, train=False)
+        out = []
+        for i, mb in enumerate(mbs):
+            t = results.get(i, torch.zeros(mb["input_ids"].shape[0], device=self.device))
+            out.append(t)
+        if self.pp > 1:
+            flat = torch.cat(out).contiguous()
+            if not self.dims.is_last_stage:
+                flat.zero_()
+            dist.all_reduce(flat, group=self.dims.pp_group)
+            out = list(flat.split([mb["input_ids"].shape[0] for mb in mbs]))
+        return [t.cpu() for t in out]
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float) -> float:
+        """Clip to ``max_norm`` (<= 0: only measure) by the true global norm; returns the norm before
+        clipping, identical on every rank."""
+        counted = []
+        for name, p in self.named_parameters():
+            count = not (self._tp_replicated(name) and self.dims.tp_rank > 0)
+            count = count and (self.use_fsdp or self.dims.dp_rank == 0)
+            counted.append((p, count))
+        norm = float(global_grad_norm(counted, device=self.device))
+        clip_grads_(self.parameters(), norm, max_norm)
+        return norm
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for part in self.model_parts:
+            part.zero_grad(set_to_none=set_to_none)
