@@ -7,7 +7,8 @@ The on-disk format is exactly the one read and written by
 
     9 bytes   magic  b"MMIDIDX\\x00\\x00"
     u64       version (always 1)
-    u8        dtype code (1 uint8, 2 int8, 3 int16, 4 int32, 5 int64, 6 float64, 7 float32, 8 uint16)
+    u8        dtype code (1 uint8, 2 int8, 3 int16, 4 int32, 5 int64, 6 float64, 7 float32,
+              8 uint16)
     u64       S = number of sequences
     u64       D = number of entries in the document index (number of documents + 1)
     int32[S]  sequence lengths (in elements)
@@ -32,7 +33,7 @@ import shutil
 import struct
 import uuid
 from array import array
-from typing import Iterable, List, Optional, Sequence, Union
+from typing import Iterable, Optional, Sequence, Union
 
 import numpy as np
 
@@ -167,11 +168,13 @@ def _write_index(
     assert n == document_count, (n, document_count)
 
 
-def _pointer_chunks(lengths: np.ndarray, itemsize: int, base: int = 0):
+def _pointer_chunks_iter(length_chunks, itemsize: int, base: int = 0):
     """Byte pointers (exclusive prefix sums of lengths*itemsize), chunk by chunk."""
     start = int(base)
-    for i in range(0, len(lengths), _CHUNK):
-        c = np.asarray(lengths[i:i + _CHUNK], dtype=np.int64) * itemsize
+    for lc in length_chunks:
+        if len(lc) == 0:
+            continue
+        c = np.asarray(lc, dtype=np.int64) * itemsize
         cs = np.cumsum(c)
         ptr = np.empty_like(cs)
         ptr[0] = start
@@ -190,6 +193,60 @@ def _chunks(a: np.ndarray):
 # --------------------------------------------------------------------------------------------
 
 
+class _SpillArray:
+    """An append-only int array that keeps at most ``limit`` entries in memory.
+
+    Older entries are appended to a temporary file; :meth:`chunks` streams everything back.
+    Keeps writer memory bounded however many sequences a dataset has.
+    """
+
+    def __init__(self, typecode: str, np_dtype: str, spill_path: str, limit: int) -> None:
+        self.mem = array(typecode)
+        self.np_dtype = np.dtype(np_dtype)
+        self.spill_path = spill_path
+        self.limit = limit
+        self.spilled = 0
+        self._f = None
+
+    def __len__(self) -> int:
+        return self.spilled + len(self.mem)
+
+    def maybe_spill(self) -> None:
+        if len(self.mem) >= self.limit:
+            if self._f is None:
+                self._f = open(self.spill_path, "wb")
+            self._f.write(self.mem.tobytes())
+            self.spilled += len(self.mem)
+            self.mem = array(self.mem.typecode)
+
+    def chunks(self):
+        if self.spilled:
+            self._f.flush()
+            with open(self.spill_path, "rb") as f:
+                left = self.spilled
+                while left:
+                    n = min(left, _CHUNK)
+                    c = np.fromfile(f, dtype=self.np_dtype, count=n)
+                    if len(c) != n:
+                        raise IndexedDatasetError(f"{self.spill_path}: spill file truncated")
+                    left -= n
+                    yield c
+        if len(self.mem):
+            yield np.frombuffer(self.mem, dtype=self.np_dtype)
+
+    def discard(self) -> None:
+        if self._f is not None:
+            try:
+                self._f.close()
+            except Exception:
+                pass
+            self._f = None
+        try:
+            os.remove(self.spill_path)
+        except FileNotFoundError:
+            pass
+
+
 class IndexedDatasetWriter:
     """Stream sequences into ``prefix.bin``/``prefix.idx``.
 
@@ -201,9 +258,12 @@ class IndexedDatasetWriter:
     ``add_document(tokens)`` stores one sequence and ends a document (the usual case: one
     sequence per document). ``add_item(tokens)`` + ``end_document()`` build multi-sequence
     documents. ``add_documents(flat, lengths)`` adds many one-sequence documents at once.
+
+    Memory is bounded: index entries beyond ``index_memory_entries`` spill to a temporary file.
     """
 
-    def __init__(self, prefix: str, dtype=np.int32, buffer_size: int = 8 << 20) -> None:
+    def __init__(self, prefix: str, dtype=np.int32, buffer_size: int = 8 << 20,
+                 index_memory_entries: int = 1 << 20) -> None:
         self.prefix = str(prefix)
         self.dtype = np.dtype(dtype)
         dtype_code(self.dtype)  # validate
@@ -213,12 +273,15 @@ class IndexedDatasetWriter:
         tag = f"tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._bin_tmp = f"{bin_path(self.prefix)}.{tag}"
         self._idx_tmp = f"{idx_path(self.prefix)}.{tag}"
-        self._bin = open(self._bin_tmp, "wb", buffering=buffer_size)
-        self._lengths = array("i")  # int32, like the format
-        self._doc_idx = array("q", [0])
-        self._num_tokens = 0
-        self._closed = False
+        self._closed = True  # until the data file is open
         self.finalized = False
+        self._lengths = _SpillArray("i", "<i4", f"{self.prefix}.len.{tag}", index_memory_entries)
+        self._doc_idx = _SpillArray("q", "<i8", f"{self.prefix}.doc.{tag}", index_memory_entries)
+        self._doc_idx.mem.append(0)
+        self._last_doc_end = 0
+        self._num_tokens = 0
+        self._bin = open(self._bin_tmp, "wb", buffering=buffer_size)
+        self._closed = False
 
     # -- adding data ---------------------------------------------------------------------------
     def _as_array(self, tokens) -> np.ndarray:
@@ -236,7 +299,8 @@ class IndexedDatasetWriter:
             try:
                 arr = np.asarray(tokens, dtype=self.dtype)
             except OverflowError as e:
-                raise IndexedDatasetError(f"{self.prefix}: value does not fit {self.dtype}: {e}")
+                raise IndexedDatasetError(
+                    f"{self.prefix}: value does not fit {self.dtype}: {e}") from None
         if arr.ndim != 1:
             arr = arr.reshape(-1)
         return arr
@@ -245,6 +309,16 @@ class IndexedDatasetWriter:
         if self._closed:
             raise IndexedDatasetError(f"{self.prefix}: writer already finalized or aborted")
 
+    def _push_lengths(self, lens: np.ndarray) -> None:
+        self._lengths.mem.frombytes(np.ascontiguousarray(lens, dtype="<i4").tobytes())
+        self._lengths.maybe_spill()
+
+    def _end_doc(self) -> None:
+        n = len(self._lengths)
+        self._doc_idx.mem.append(n)
+        self._last_doc_end = n
+        self._doc_idx.maybe_spill()
+
     def add_item(self, tokens: Union[np.ndarray, Sequence[int]]) -> None:
         """Append one sequence (not ending the document)."""
         self._check_open()
@@ -252,13 +326,14 @@ class IndexedDatasetWriter:
         if arr.size > np.iinfo(np.int32).max:
             raise IndexedDatasetError(f"{self.prefix}: sequence of {arr.size} elements > int32")
         self._bin.write(arr.tobytes())
-        self._lengths.append(int(arr.size))
+        self._lengths.mem.append(int(arr.size))
+        self._lengths.maybe_spill()
         self._num_tokens += int(arr.size)
 
     def end_document(self) -> None:
         """Close the current document (after one or more :meth:`add_item`)."""
         self._check_open()
-        self._doc_idx.append(len(self._lengths))
+        self._end_doc()
 
     def add_document(self, tokens: Union[np.ndarray, Sequence[int]],
                      lengths: Optional[Sequence[int]] = None) -> None:
@@ -266,48 +341,60 @@ class IndexedDatasetWriter:
         self._check_open()
         arr = self._as_array(tokens)
         if lengths is None:
-            lengths = [arr.size]
-        elif sum(int(x) for x in lengths) != arr.size:
-            raise IndexedDatasetError(f"{self.prefix}: lengths {list(lengths)} do not sum to "
-                                      f"{arr.size}")
+            lens = np.array([arr.size], dtype=np.int64)
+        else:
+            lens = np.asarray(lengths, dtype=np.int64).reshape(-1)
+            if int(lens.sum()) != arr.size or (lens.size and lens.min() < 0):
+                raise IndexedDatasetError(
+                    f"{self.prefix}: lengths {list(lens)} do not sum to {arr.size}")
+        if lens.size and lens.max() > np.iinfo(np.int32).max:
+            raise IndexedDatasetError(f"{self.prefix}: sequence longer than int32")
         self._bin.write(arr.tobytes())
-        self._lengths.extend(int(x) for x in lengths)
+        self._push_lengths(lens)
         self._num_tokens += int(arr.size)
-        self._doc_idx.append(len(self._lengths))
+        self._end_doc()
 
     def add_documents(self, flat_tokens: Union[np.ndarray, Sequence[int]],
                       lengths: Union[np.ndarray, Sequence[int]]) -> None:
         """Append ``len(lengths)`` one-sequence documents stored back to back in ``flat_tokens``."""
         self._check_open()
         arr = self._as_array(flat_tokens)
-        lens = np.asarray(lengths, dtype=np.int64)
+        lens = np.asarray(lengths, dtype=np.int64).reshape(-1)
         if int(lens.sum()) != arr.size or (lens.size and lens.min() < 0):
             raise IndexedDatasetError(f"{self.prefix}: lengths do not sum to {arr.size}")
+        if lens.size and lens.max() > np.iinfo(np.int32).max:
+            raise IndexedDatasetError(f"{self.prefix}: sequence longer than int32")
         self._bin.write(arr.tobytes())
         first = len(self._lengths)
-        self._lengths.frombytes(lens.astype("<i4").tobytes())
-        self._doc_idx.frombytes(
-            np.arange(first + 1, first + 1 + lens.size, dtype="<i8").tobytes())
+        self._push_lengths(lens)
+        if lens.size:
+            self._doc_idx.mem.frombytes(
+                np.arange(first + 1, first + 1 + lens.size, dtype="<i8").tobytes())
+            self._last_doc_end = first + lens.size
+            self._doc_idx.maybe_spill()
         self._num_tokens += int(arr.size)
 
     def add_index(self, prefix: str) -> None:
         """Append a whole existing dataset (dtype must match)."""
         self._check_open()
-        src = IndexedDataset(prefix)
-        try:
-            if src.dtype != self.dtype:
-                raise IndexedDatasetError(
-                    f"{prefix}: dtype {src.dtype} differs from the writer's {self.dtype}")
-            offset = len(self._lengths)
-            self._lengths.frombytes(np.asarray(src.sequence_lengths, "<i4").tobytes())
-            self._doc_idx.frombytes((np.asarray(src.document_indices[1:], "<i8") + offset)
-                                    .astype("<i8").tobytes())
-            self._num_tokens += src.num_tokens
-        finally:
-            src.close()
-        self._bin.flush()
-        with open(bin_path(prefix), "rb") as f:
-            shutil.copyfileobj(f, self._bin, 16 << 20)
+        src = read_index(idx_path(prefix))
+        if src.dtype != self.dtype:
+            raise IndexedDatasetError(
+                f"{prefix}: dtype {src.dtype} differs from the writer's {self.dtype}")
+        bsize = os.path.getsize(bin_path(prefix))
+        if bsize != src.data_nbytes:
+            raise IndexedDatasetError(f"{bin_path(prefix)}: {bsize} bytes, index describes "
+                                      f"{src.data_nbytes} (truncated or mismatched pair)")
+        offset = len(self._lengths)
+        for c in _chunks(src.sequence_lengths):
+            self._push_lengths(c)
+        for c in _chunks(src.document_indices[1:]):
+            self._doc_idx.mem.frombytes((c.astype(np.int64) + offset).astype("<i8").tobytes())
+            self._doc_idx.maybe_spill()
+        self._last_doc_end = len(self._lengths)
+        self._num_tokens += src.num_tokens
+        del src
+        _copy_file_into(bin_path(prefix), self._bin)
 
     # -- state ---------------------------------------------------------------------------------
     @property
@@ -326,21 +413,19 @@ class IndexedDatasetWriter:
     def finalize(self) -> None:
         """Write the index and atomically move both files into place."""
         self._check_open()
-        if self._doc_idx[-1] != len(self._lengths):
-            # trailing items without end_document(): close the document, like megatron would
-            # otherwise refuse to read the file (document_indices[-1] must equal the count).
-            self._doc_idx.append(len(self._lengths))
+        if self._last_doc_end != len(self._lengths):
+            # trailing items without end_document(): close the document (megatron-core refuses
+            # an index whose last document index is not the sequence count).
+            self._end_doc()
         try:
             self._bin.flush()
             os.fsync(self._bin.fileno())
             self._bin.close()
-            lengths = np.frombuffer(self._lengths, dtype=np.int32) if len(self._lengths) else \
-                np.zeros(0, np.int32)
-            docs = np.frombuffer(self._doc_idx, dtype=np.int64)
             with open(self._idx_tmp, "wb", buffering=8 << 20) as f:
-                _write_index(f, self.dtype, _chunks(lengths),
-                             _pointer_chunks(lengths, self.itemsize), _chunks(docs),
-                             len(lengths), len(docs))
+                _write_index(
+                    f, self.dtype, self._lengths.chunks(),
+                    _pointer_chunks_iter(self._lengths.chunks(), self.itemsize),
+                    self._doc_idx.chunks(), len(self._lengths), len(self._doc_idx))
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(self._bin_tmp, bin_path(self.prefix))
@@ -349,6 +434,8 @@ class IndexedDatasetWriter:
         except BaseException:
             self.abort()
             raise
+        self._lengths.discard()
+        self._doc_idx.discard()
         self._closed = True
         self.finalized = True
 
@@ -364,6 +451,8 @@ class IndexedDatasetWriter:
                 os.remove(p)
             except FileNotFoundError:
                 pass
+        self._lengths.discard()
+        self._doc_idx.discard()
 
     def __enter__(self) -> "IndexedDatasetWriter":
         return self
@@ -415,7 +504,8 @@ class IndexInfo:
         """Size the matching .bin must have."""
         if self.sequence_count == 0:
             return 0
-        return int(self.sequence_pointers[-1]) + int(self.sequence_lengths[-1]) * self.dtype.itemsize
+        last = int(self.sequence_lengths[-1]) * self.dtype.itemsize
+        return int(self.sequence_pointers[-1]) + last
 
     @property
     def num_tokens(self) -> int:
@@ -542,6 +632,10 @@ class IndexedDataset:
         else:
             self._data = np.zeros(0, self.dtype)
 
+    def __reduce__(self):
+        # Pickle by path (DataLoader workers, spawn): reopen the maps, never copy the data.
+        return (_reopen, (self.path_prefix, self.multimodal))
+
     # -- access --------------------------------------------------------------------------------
     def __len__(self) -> int:
         return self.index.sequence_count
@@ -634,13 +728,18 @@ class IndexedDataset:
                 f"documents={self.num_documents}, dtype={self.dtype})")
 
 
+def _reopen(prefix: str, multimodal: bool) -> "IndexedDataset":
+    # Validated when first opened; a re-open after unpickling checks sizes only.
+    return IndexedDataset(prefix, multimodal=multimodal, validate=False)
+
+
 # --------------------------------------------------------------------------------------------
 # Merge
 # --------------------------------------------------------------------------------------------
 
 
 def _copy_file_into(src_path: str, dst) -> None:
-    """Append the bytes of ``src_path`` to the open binary file ``dst`` (kernel copy if possible)."""
+    """Append the bytes of ``src_path`` to the open binary file ``dst`` (copy_file_range if possible)."""
     dst.flush()
     size = os.path.getsize(src_path)
     if size == 0:
