@@ -139,6 +139,10 @@ class ParallelConfig:
                  f"{prefix}.virtual_stages", "interleaved_1f1b needs virtual_stages >= 2")
         _require(not self.sequence_parallel or self.tp > 1, f"{prefix}.sequence_parallel",
                  "sequence parallelism shards activations over the TP group and needs tp > 1")
+        _require(not (self.pp_schedule == "zero_bubble" and self.pp > 1 and self.dp_shard == "fsdp"),
+                 f"{prefix}.pp_schedule",
+                 "'zero_bubble' computes weight gradients in a separate pass over the autograd graph, which "
+                 "FSDP2's sharded parameters are not part of; use dp_shard 'none' or 'interleaved_1f1b'")
         if model is not None:
             for heads, what in ((model.num_attention_heads, "num_attention_heads"),
                                 (model.num_kv_heads, "num_kv_heads")):
