@@ -30,7 +30,7 @@ from megatron_phi4.distributed.parallel_dims import ParallelDims
 from megatron_phi4.distributed.pipeline import PipelineRunner, build_stage_module, split_layers, stages_of_rank
 from megatron_phi4.losses import sequence_log_probs as _sequence_log_probs
 from megatron_phi4.models.phi4 import parallelize as par
-from megatron_phi4.models.phi4.model import Phi4Model
+from megatron_phi4.models.phi4.model import Phi4Model, init_parameter_
 
 logger = logging.getLogger(__name__)
 
@@ -182,18 +182,10 @@ class ParallelEngine:
         the full model: the full tensors are drawn one at a time, in the full model's
         ``named_parameters`` order from one generator (``Phi4Model.init_weights``' rule), and only this
         rank's rectangle is kept. Peak extra memory: one full tensor (the 2 GB embedding for 14B)."""
-        cfg = self.model_cfg
-        std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2.0 * cfg.num_layers)
         gen = torch.Generator(device="cpu").manual_seed(seed)
         params = dict(self.named_parameters())
         for name, shape in self._global_shapes.items():
-            full = torch.empty(shape)
-            if name.endswith("norm.weight"):
-                full.fill_(1.0)
-            elif name.endswith(("o_proj.weight", "down_proj.weight")):
-                full.normal_(0.0, out_std, generator=gen)
-            else:
-                full.normal_(0.0, std, generator=gen)
+            full = init_parameter_(name, torch.empty(shape), self.model_cfg, gen)
             if name in params:
                 local = _local(params[name])
                 local.copy_(self._slice(full, local, self._shard_info(name, local)).to(local.device, local.dtype))

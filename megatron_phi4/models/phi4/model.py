@@ -192,19 +192,11 @@ class Phi4Model(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:
-        """Megatron's scheme: N(0, init_std) everywhere, output projections of each residual
-        branch scaled by 1/sqrt(2 * num_layers), norms at one. Parameters are drawn in
-        ``named_parameters`` order from one generator, so a seed fixes the whole model; parallel
-        runs that must match a single-process run initialize the full model, then split it."""
-        std = self.config.init_std
-        out_std = std / math.sqrt(2.0 * self.config.num_layers)
+        """Draw every parameter with ``init_parameter_`` in ``named_parameters`` order from one
+        generator, so a seed fixes the whole model; parallel runs that must match a single-process
+        run draw the same full tensors in the same order and keep their slice."""
         for name, param in self.named_parameters():
-            if name.endswith("norm.weight"):
-                param.fill_(1.0)
-            elif name.endswith(("o_proj.weight", "down_proj.weight")):
-                param.normal_(0.0, out_std, generator=generator)
-            else:
-                param.normal_(0.0, std, generator=generator)
+            init_parameter_(name, param, self.config, generator)
 
     def create_kv_cache(self, batch_size: int, max_seq_len: int, dtype=None, device=None) -> KVCache:
         ref = next(self.parameters())
@@ -218,6 +210,18 @@ class Phi4Model(nn.Module):
             dtype=dtype or ref.dtype,
             device=device or ref.device,
         )
+
+
+@torch.no_grad()
+def init_parameter_(name: str, tensor: torch.Tensor, cfg: ModelConfig, generator=None) -> torch.Tensor:
+    """Megatron's scheme: N(0, init_std) everywhere, the output projection of each residual branch
+    scaled by 1/sqrt(2 * num_layers) (keeps the residual stream's variance flat with depth), norms at one."""
+    if name.endswith("norm.weight"):
+        return tensor.fill_(1.0)
+    std = cfg.init_std
+    if name.endswith(("o_proj.weight", "down_proj.weight")):
+        std = std / math.sqrt(2.0 * cfg.num_layers)
+    return tensor.normal_(0.0, std, generator=generator)
 
 
 def build_model(cfg: ModelConfig, device: torch.device | str = "cpu", seed: int | None = 0) -> Phi4Model:
