@@ -31,6 +31,8 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from megatron_phi4.fileio import fsync_dir
+
 FORMAT_NAME = "megatron_phi4"
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
@@ -46,19 +48,6 @@ class CheckpointError(RuntimeError):
 
 
 # --------------------------------------------------------------------------- small file helpers
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` so readers see either the old file or the whole new one:
     write a temporary file in the same directory, fsync it, rename it over ``path``, fsync the dir."""
@@ -75,7 +64,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def make_temp_dir(final: str | os.PathLike) -> Path:
@@ -89,7 +78,7 @@ def publish_dir(tmp: str | os.PathLike, final: str | os.PathLike, overwrite: boo
     """Rename the finished directory ``tmp`` to ``final``. With ``overwrite`` an existing ``final``
     is moved aside first and deleted only after the new one is in place."""
     tmp, final = Path(tmp), Path(final)
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     old = None
     if final.exists() or final.is_symlink():
         if not overwrite:
@@ -97,7 +86,7 @@ def publish_dir(tmp: str | os.PathLike, final: str | os.PathLike, overwrite: boo
         old = final.with_name(f"{final.name}.old-{os.getpid()}")
         os.replace(final, old)
     os.replace(tmp, final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
 

@@ -37,6 +37,8 @@ from typing import Iterable, Optional, Sequence, Union
 
 import numpy as np
 
+from megatron_phi4.fileio import fsync_dir
+
 __all__ = [
     "INDEX_HEADER",
     "INDEX_VERSION",
@@ -122,19 +124,6 @@ def _fsync_path(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(os.path.dirname(os.path.abspath(path)) or ".", os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
     finally:
         os.close(fd)
 
@@ -430,7 +419,7 @@ class IndexedDatasetWriter:
                 os.fsync(f.fileno())
             os.replace(self._bin_tmp, bin_path(self.prefix))
             os.replace(self._idx_tmp, idx_path(self.prefix))
-            _fsync_dir(self.prefix)
+            fsync_dir(os.path.dirname(os.path.abspath(self.prefix)) or ".")
         except BaseException:
             self.abort()
             raise
@@ -833,7 +822,7 @@ def merge_indexed(prefixes: Sequence[str], output_prefix: str, dtype=None,
             os.fsync(f.fileno())
         os.replace(writer._bin_tmp, bin_path(output_prefix))
         os.replace(writer._idx_tmp, idx_path(output_prefix))
-        _fsync_dir(output_prefix)
+        fsync_dir(os.path.dirname(os.path.abspath(output_prefix)) or ".")
         writer._closed = True
         writer.finalized = True
     except BaseException:
