@@ -16,6 +16,7 @@ content (e.g. a literal ``<|im_end|>``) becomes plain-text tokens, never a contr
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -117,9 +118,9 @@ def _load_ranks(path: str) -> Dict[bytes, int]:
         raise TokenizerFileError(
             f"sha256 mismatch for cl100k_base BPE file {path}: got {digest}, expected "
             f"{CL100K_SHA256}; the file is corrupt or not cl100k_base")
-    # The hash is verified above; load_tiktoken_bpe re-checks it on the local path. tiktoken only
-    # fetches for paths with a scheme ("://"), and a plain path never has one.
-    ranks = tiktoken.load.load_tiktoken_bpe(os.path.abspath(path), expected_hash=CL100K_SHA256)
+    # Parse the verified bytes ourselves ("<base64 token> <rank>" per line): tiktoken's loader
+    # would read the file again and copy it into its download cache under the temp directory.
+    ranks = {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in data.splitlines() if line)}
     if len(ranks) != CL100K_NUM_RANKS:
         raise TokenizerFileError(f"{path}: {len(ranks)} ranks, expected {CL100K_NUM_RANKS}")
     return ranks
