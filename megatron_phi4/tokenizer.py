@@ -24,7 +24,6 @@ import os
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import tiktoken
-import tiktoken.load
 
 __all__ = [
     "Phi4Tokenizer",
