@@ -59,7 +59,7 @@ class ModelConfig:
     rope_theta: float = 250000.0
     max_seq_length: int = 16384
     init_std: float = 0.02
-    # Which layer classes build the model: plain PyTorch, or Transformer Engine on GPU.
+    # Which layer classes build the model: plain PyTorch ("torch"); Transformer Engine ("te") is planned.
     backend: str = "torch"
 
     @property
@@ -78,7 +78,10 @@ class ModelConfig:
                  f"num_kv_heads={self.num_kv_heads}")
         _require(self.rope_theta > 0, f"{prefix}.rope_theta", "must be positive")
         _require(self.norm_eps > 0, f"{prefix}.norm_eps", "must be positive")
-        _choice(self.backend, f"{prefix}.backend", ("torch", "te"))
+        # "te" (Transformer Engine layers, with FP8) is the GPU backend of a later milestone; until the
+        # layer swap exists, asking for it must fail here rather than silently train plain layers.
+        _require(self.backend == "torch", f"{prefix}.backend",
+                 f"got {self.backend!r}; only 'torch' is implemented (Transformer Engine layers are not yet)")
 
 
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
@@ -467,9 +470,39 @@ def load_yaml(path: str | Path) -> dict:
     return tree
 
 
-def load_recipe(path: str | Path | None, overrides: list[str] = (), world_size: int | None = None) -> RecipeConfig:
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def expand_variables(tree, variables: dict | None = None):
+    """Replace ``${NAME}`` in every string of a raw config tree by ``variables[NAME]``, else the
+    environment variable ``NAME``; an unknown name is a ConfigError."""
+    import os
+
+    variables = dict(variables or {})
+
+    def sub(m):
+        name = m.group(1)
+        if name in variables:
+            return str(variables[name])
+        if name in os.environ:
+            return os.environ[name]
+        raise ConfigError(f"${{{name}}}: unknown variable (set it in the environment)")
+
+    if isinstance(tree, dict):
+        return {k: expand_variables(v, variables) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [expand_variables(v, variables) for v in tree]
+    if isinstance(tree, str):
+        return _VAR.sub(sub, tree)
+    return tree
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] = (), world_size: int | None = None,
+                variables: dict | None = None) -> RecipeConfig:
+    """Read, expand ``${NAME}`` variables (see ``expand_variables``), override and validate."""
     tree = load_yaml(path) if path is not None else {}
     apply_overrides(tree, list(overrides))
+    tree = expand_variables(tree, variables)
     try:
         recipe = from_dict(RecipeConfig, tree)
     except ConfigError as e:

@@ -132,8 +132,11 @@ class MetricsLogger:
                 self._writer.add_scalar(f"{prefix}/{name}", float(value), self.global_step)
             self._writer.flush()
 
-    def log_step(self, stage: str, step: int, scalars: dict[str, float], total_steps: int | None = None) -> None:
-        self.global_step += 1
+    def log_step(self, stage: str, step: int, scalars: dict[str, float], global_step: int | None = None,
+                 total_steps: int | None = None) -> None:
+        """``global_step``: the run-wide step (the trainer passes it so a resumed run continues the
+        curves); default: one more than the last."""
+        self.global_step = self.global_step + 1 if global_step is None else global_step
         if not self.enabled:
             return
         self._record("train", stage, step, scalars)
@@ -146,10 +149,6 @@ class MetricsLogger:
         self._record("eval", stage, step, scalars)
         self.console(f"[{stage}] eval at step {step} | " +
                      " | ".join(f"{k} {v:.4f}" for k, v in scalars.items()))
-
-    def set_global_step(self, global_step: int) -> None:
-        """Continue the run-wide step count after a resume."""
-        self.global_step = global_step
 
     def close(self) -> None:
         if self._writer is not None:
