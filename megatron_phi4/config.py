@@ -308,6 +308,14 @@ class CheckpointConfig:
     async_save: bool = False
     load: str = "auto"  # auto: resume from `latest` if present; "none"; or a checkpoint path
 
+    def validate(self, prefix: str = "checkpoint") -> None:
+        _require(self.interval >= 0, f"{prefix}.interval", "must be >= 0 (0: only at stage ends and on signals)")
+        _require(self.keep_last >= 1, f"{prefix}.keep_last", "must be >= 1")
+        # save_sharded(async_=True) exists; the trainer does not yet overlap a save with training
+        # steps (it must wait for the write before moving `latest`), so refuse rather than ignore it.
+        _require(not self.async_save, f"{prefix}.async_save",
+                 "asynchronous checkpointing is not wired into the trainer yet; use false")
+
 
 @dataclass
 class LoggingConfig:
@@ -333,6 +341,7 @@ class RecipeConfig:
     def validate(self, world_size: int | None = None) -> "RecipeConfig":
         self.model.validate("model")
         self.parallel.validate(self.model, world_size, "parallel")
+        self.checkpoint.validate("checkpoint")
         _require(bool(self.stages), "stages", "a recipe needs at least one stage")
         names = [s.name for s in self.stages]
         _require(len(set(names)) == len(names), "stages", f"stage names must be unique, got {names}")

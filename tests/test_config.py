@@ -161,3 +161,12 @@ def test_parse_count(text, value):
 def test_parse_count_errors_name_the_field(bad):
     with pytest.raises(ConfigError, match=r"stages\.x\.train_tokens"):
         parse_count(bad, "stages.x.train_tokens")
+
+
+def test_checkpoint_section_is_validated():
+    from megatron_phi4.config import CheckpointConfig
+
+    with pytest.raises(ConfigError, match=r"checkpoint\.async_save"):
+        CheckpointConfig(async_save=True).validate()
+    with pytest.raises(ConfigError, match=r"checkpoint\.keep_last"):
+        CheckpointConfig(keep_last=0).validate()
