@@ -13,7 +13,8 @@ import time
 import torch
 
 from megatron_phi4.config import ParallelConfig, model_preset
-from megatron_phi4.distributed import ParallelEngine, init_distributed
+from megatron_phi4.distributed import init_distributed
+from megatron_phi4.engine import ParallelEngine
 from megatron_phi4.losses import LMLoss
 
 

@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from megatron_phi4 import registry
+
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field."""
@@ -29,6 +31,11 @@ def _require(cond: bool, name: str, msg: str) -> None:
 
 def _choice(value, name: str, allowed) -> None:
     _require(value in allowed, name, f"got {value!r}, allowed: {', '.join(map(repr, allowed))}")
+
+
+def _registered(value, name: str, reg: "registry.Registry") -> None:
+    """``value`` must be registered in ``reg`` (the allowed values grow as code registers more)."""
+    _choice(value, name, reg.names())
 
 
 _SUFFIX = {"K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
@@ -59,8 +66,9 @@ class ModelConfig:
     rope_theta: float = 250000.0
     max_seq_length: int = 16384
     init_std: float = 0.02
-    # Which layer classes build the model: plain PyTorch ("torch"); Transformer Engine ("te") is planned.
-    backend: str = "torch"
+    arch: str = "phi4"  # model spec (megatron_phi4.registry.MODELS): layers, pipeline split, checkpoint names
+    # Which layer classes build the model (megatron_phi4.registry.BACKENDS): "local" = plain PyTorch.
+    backend: str = "local"
 
     @property
     def head_dim(self) -> int:
@@ -78,10 +86,8 @@ class ModelConfig:
                  f"num_kv_heads={self.num_kv_heads}")
         _require(self.rope_theta > 0, f"{prefix}.rope_theta", "must be positive")
         _require(self.norm_eps > 0, f"{prefix}.norm_eps", "must be positive")
-        # "te" (Transformer Engine layers, with FP8) is the GPU backend of a later milestone; until the
-        # layer swap exists, asking for it must fail here rather than silently train plain layers.
-        _require(self.backend == "torch", f"{prefix}.backend",
-                 f"got {self.backend!r}; only 'torch' is implemented (Transformer Engine layers are not yet)")
+        _registered(self.arch, f"{prefix}.arch", registry.MODELS)
+        _registered(self.backend, f"{prefix}.backend", registry.BACKENDS)
 
 
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
@@ -122,14 +128,12 @@ class ParallelConfig:
     mixed_precision: str = "auto"  # auto -> bf16 compute with fp32 master weights on GPU, fp32 on CPU
     timeout_minutes: float = 10.0
 
-    PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble")
-
     def validate(self, model: ModelConfig | None = None, world_size: int | None = None,
                  prefix: str = "parallel") -> None:
         for f in ("tp", "pp", "virtual_stages"):
             _require(getattr(self, f) >= 1, f"{prefix}.{f}", f"must be >= 1, got {getattr(self, f)}")
         _require(self.dp == -1 or self.dp >= 1, f"{prefix}.dp", f"must be >= 1 or -1 (infer), got {self.dp}")
-        _choice(self.pp_schedule, f"{prefix}.pp_schedule", self.PP_SCHEDULES)
+        _registered(self.pp_schedule, f"{prefix}.pp_schedule", registry.PIPELINE_SCHEDULES)
         _choice(self.dp_shard, f"{prefix}.dp_shard", ("fsdp", "none"))
         _choice(self.recompute, f"{prefix}.recompute", ("none", "selective", "full"))
         _choice(self.backend, f"{prefix}.backend", ("auto", "gloo", "nccl"))
@@ -199,10 +203,8 @@ class DataConfig:
     cache_dir: str | None = None
     num_workers: int = 0
 
-    KINDS = ("pretrain", "sft", "preference", "synthetic")
-
     def validate(self, prefix: str = "data") -> None:
-        _choice(self.kind, f"{prefix}.kind", self.KINDS)
+        _registered(self.kind, f"{prefix}.kind", registry.DATA_KINDS)
         _require(self.seq_length > 0, f"{prefix}.seq_length", "must be positive")
         _require(self.micro_batch_size > 0, f"{prefix}.micro_batch_size", "must be positive")
         _require(self.global_batch_size > 0, f"{prefix}.global_batch_size", "must be positive")
@@ -256,7 +258,7 @@ class LossConfig:
     dpo_label_smoothing: float = 0.0
 
     def validate(self, prefix: str = "loss") -> None:
-        _choice(self.type, f"{prefix}.type", ("lm", "dpo"))
+        _registered(self.type, f"{prefix}.type", registry.LOSSES)
         _require(self.dpo_beta > 0, f"{prefix}.dpo_beta", "must be positive")
         _require(0 <= self.dpo_label_smoothing < 0.5, f"{prefix}.dpo_label_smoothing", "must be in [0, 0.5)")
 

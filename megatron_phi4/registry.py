@@ -82,9 +82,9 @@ DATA_KINDS = Registry("data.kind", {
     "synthetic": "megatron_phi4.training.data:_SyntheticSource",
 })
 
-# Layer backends (``model.backend``): objects implementing megatron_phi4.layers.backend.LayerBackend.
+# Layer backends (``model.backend``): classes taking a ParallelContext and implementing megatron_phi4.layers.backend.LayerBackend.
 BACKENDS = Registry("model.backend", {
-    "local": "megatron_phi4.layers.local:LOCAL_BACKEND",
+    "local": "megatron_phi4.layers.local:LocalBackend",
 })
 
 # Pipeline schedules (``parallel.pp_schedule``): torch.distributed.pipelining classes.

@@ -20,13 +20,12 @@ API (stable; the trainer calls these)::
         or a global shape that differs raises ``CheckpointError`` on every rank (no hang), naming
         the key, the checkpoint directory and both shapes. Extra checkpoint keys are ignored.
 
-    optimizer_shards(optimizer, engine_or_local_shards) -> {name: (local_tensor, ShardInfo)}
-        The optimizer state as shards: ``"{fqn}.exp_avg"``, ``"{fqn}.exp_avg_sq"`` (and
-        ``"{fqn}.max_exp_avg_sq"`` with amsgrad) with the parameter's ShardInfo, ``"{fqn}.step"`` as a
-        0-d tensor written by exactly one rank (the one holding the parameter's non-replicated
-        rectangle at offset 0). Pass the engine (parameters are matched by identity) or
-        ``engine.local_shards()`` (matched by storage). The tensors are the live state: saving
-        reads them, loading writes them.
+    optimizer_shards(optimizer, engine) -> {name: (local_tensor, ShardInfo)}
+        The optimizer state as shards: ``"{name}.exp_avg"``, ``"{name}.exp_avg_sq"`` (and
+        ``"{name}.max_exp_avg_sq"`` with amsgrad) cut like the parameter (checkpoint names, so the
+        state of a fused parameter is stored per named tensor), ``"{name}.step"`` as a 0-d tensor
+        written by exactly one rank (the one holding the tensor's non-replicated rectangle at
+        offset 0). The tensors are the live state: saving reads them, loading writes them.
 
     load_optimizer_shards(optimizer, engine, dcp_dir, process_group=None)
         Creates the (lazily created) Adam/AdamW state -- zeros and a step tensor, exactly as
@@ -69,7 +68,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_phi4.checkpoint.format import CheckpointError
-from megatron_phi4.distributed.engine import ShardInfo
+from megatron_phi4.distributed.sharding import ShardInfo
 
 __all__ = ["save_sharded", "load_sharded", "optimizer_shards", "load_optimizer_shards", "init_adam_state",
            "ShardInfo", "CheckpointError"]
@@ -296,33 +295,15 @@ def load_sharded(targets: Shards, dcp_dir: str | os.PathLike, process_group=None
 
 
 # --------------------------------------------------------------------------- optimizer state
-def _param_names(optimizer, engine_or_shards) -> tuple[dict[int, str], dict[str, ShardInfo]]:
-    """{id(param): fqn} for the optimizer's parameters and {fqn: ShardInfo}."""
-    if hasattr(engine_or_shards, "named_parameters"):
-        engine = engine_or_shards
-        names = {id(p): n for n, p in engine.named_parameters()}
-        infos = {n: info for n, (_, info) in engine.local_shards().items()}
-        return names, infos
-    shards: Shards = engine_or_shards
-    infos = {n: info for n, (_, info) in shards.items()}
-    by_storage = {}
-    for n, (t, _) in shards.items():
-        if t.numel():
-            by_storage[(t.data_ptr(), tuple(t.shape), t.dtype, t.device)] = n
-    names = {}
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            loc = _local(p)
-            key = (loc.data_ptr(), tuple(loc.shape), loc.dtype, loc.device)
-            if loc.numel() and key in by_storage:
-                names[id(p)] = by_storage[key]
-    return names, infos
-
-
-def optimizer_shards(optimizer: torch.optim.Optimizer, engine_or_local_shards) -> Shards:
-    """The optimizer's per-parameter state as ``{f"{fqn}.{key}": (local tensor, ShardInfo)}`` (see
-    module doc). Parameters without state (never stepped) contribute nothing."""
-    names, infos = _param_names(optimizer, engine_or_local_shards)
+def optimizer_shards(optimizer: torch.optim.Optimizer, sharded) -> Shards:
+    """The optimizer's per-parameter state as ``{f"{name}.{key}": (local view, ShardInfo)}`` with
+    checkpoint names (see module doc). ``sharded``: the engine, or any object with
+    ``named_parameters()`` (local names) and ``shard_views(tensors, suffix)`` (local name ->
+    checkpoint-named views with their rectangles). A state tensor shaped like its parameter is cut
+    exactly like it (a fused parameter's moments into the same named pieces); a scalar (``step``) is
+    stored once per checkpoint name, by the rank holding that tensor's non-replicated rectangle at
+    offset 0. Parameters without state (never stepped) contribute nothing."""
+    names = {id(p): n for n, p in sharded.named_parameters()}
     out: Shards = {}
     for group in optimizer.param_groups:
         for p in group["params"]:
@@ -332,21 +313,20 @@ def optimizer_shards(optimizer: torch.optim.Optimizer, engine_or_local_shards) -
             loc_p = _local(p)
             fqn = names.get(id(p))
             if fqn is None:
-                if loc_p.numel() == 0:
-                    continue  # an empty shard: no state to save, no step writer
                 raise KeyError(f"optimizer_shards: an optimizer parameter of shape {tuple(loc_p.shape)} is not "
                                "among the engine's parameters (build the optimizer over engine.parameters())")
-            info = infos[fqn]
+            param_views = sharded.shard_views({fqn: p.detach()})
             for key, value in state.items():
                 if not isinstance(value, torch.Tensor):
                     raise TypeError(f"optimizer_shards: state {fqn}.{key} is a {type(value).__name__}, not a tensor")
                 loc = _local(value).detach()
-                if loc.dim() == 0:  # step: same on every rank; one writer per parameter
-                    writer = (not info.replicated and all(o == 0 for o in info.global_offset)
-                              and loc_p.numel() > 0)
-                    out[f"{fqn}.{key}"] = (loc, ShardInfo((), (), not writer))
+                if loc.dim() == 0:  # step: same on every rank; one writer per checkpoint name
+                    for name, (view, info) in param_views.items():
+                        writer = (not info.replicated and all(o == 0 for o in info.global_offset)
+                                  and view.numel() > 0)
+                        out[f"{name}.{key}"] = (loc, ShardInfo((), (), not writer))
                 elif tuple(loc.shape) == tuple(loc_p.shape):
-                    out[f"{fqn}.{key}"] = (loc, info)
+                    out.update(sharded.shard_views({fqn: value.detach()}, suffix=f".{key}"))
                 else:
                     raise ValueError(f"optimizer_shards: state {fqn}.{key} has shape {tuple(loc.shape)}, neither "
                                      f"a scalar nor the parameter's local shape {tuple(loc_p.shape)}")

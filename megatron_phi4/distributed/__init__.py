@@ -1,17 +1,10 @@
-"""3D parallelism (tensor + sequence, pipeline, FSDP data parallelism) for Phi-4.
+"""Model-agnostic parallelism: the 3D layout and its process groups, Megatron-style TP/SP layers
+and collectives, vocabulary-parallel log-probs, pipeline schedules, FSDP2 over DP, recompute,
+global gradient clipping, and the sharding declarations layers make (``sharding.py``).
 
-Entry points: ``init_distributed`` / ``ParallelDims`` (layout and process groups) and
-``ParallelEngine`` (this rank's model chunks, forward/backward, clipping, shards). See
+Nothing here imports a model or a loss: the engine (``megatron_phi4.engine``) binds them. See
 docs/parallelism.md.
 """
 from megatron_phi4.distributed.parallel_dims import ParallelDims, init_distributed
 
-__all__ = ["ParallelDims", "init_distributed", "ParallelEngine", "ShardInfo", "global_units"]
-
-
-def __getattr__(name):  # the engine imports the model; keep `import megatron_phi4.distributed` light
-    if name in ("ParallelEngine", "ShardInfo", "global_units"):
-        from megatron_phi4.distributed import engine
-
-        return getattr(engine, name)
-    raise AttributeError(name)
+__all__ = ["ParallelDims", "init_distributed"]

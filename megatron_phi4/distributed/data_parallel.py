@@ -16,11 +16,14 @@ built on the sharded DTensor parameters -- the optimizer state (ZeRO-3). What th
 """
 from __future__ import annotations
 
+import logging
 from typing import Iterable
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+logger = logging.getLogger(__name__)
 
 
 def fsdp_dtypes(mixed_precision: str, device: torch.device) -> tuple[torch.dtype | None, torch.dtype]:
@@ -70,3 +73,40 @@ def all_reduce_grads(params: Iterable[nn.Parameter], group, bucket_bytes: int = 
             flush()
             size = 0
     flush()
+
+
+def apply_fsdp(model: nn.Module, blocks: Iterable[nn.Module], dp_mesh, *, param_dtype: torch.dtype | None = None,
+               reduce_dtype: torch.dtype | None = torch.float32, reshard_after_forward: bool = True) -> None:
+    """FSDP2 over the DP mesh: one unit per block plus the root (embedding, norm, head).
+
+    Parameters, gradients and (because the optimizer sees the sharded DTensors) optimizer state
+    are sharded over DP. Gradients are reduce-scattered in ``reduce_dtype`` and *summed* (divide
+    factor 1): the engine already scales every micro-batch loss by 1/global units.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    units = []
+    for block in blocks:
+        fully_shard(block, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+        units.append(block)
+    fully_shard(model, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    units.append(model)
+    for unit in units:
+        unit.set_gradient_divide_factor(1.0)
+        # Plain SUM collectives (a divide factor alone selects PREMUL_SUM, which gloo lacks; on NCCL
+        # SUM is also the zero-copy path).
+        unit.set_force_sum_reduction_for_comms(True)
+    logger.info("apply_fsdp: %d FSDP units over %d DP ranks (param %s, reduce %s)", len(units),
+                dp_mesh.size(), param_dtype or "fp32", reduce_dtype)
+
+
+def apply_compile(blocks: Iterable[nn.Module]) -> int:
+    """``torch.compile`` each block in place (keeps the module names; ``torch.compile(m)`` would add
+    ``_orig_mod``). Returns how many blocks were compiled."""
+    n = 0
+    for block in blocks:
+        block.compile()
+        n += 1
+    logger.info("apply_compile: compiled %d blocks", n)
+    return n

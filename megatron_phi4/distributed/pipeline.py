@@ -1,7 +1,7 @@
 """Pipeline parallelism: the stage split and the schedules (``torch.distributed.pipelining``).
 
 Split: contiguous layers per stage; stage 0 also owns the embedding, the last stage the final norm
-and the LM head. ``split_layers`` honours ``pp_layers_per_stage`` or balances
+and the LM head (the model spec builds a stage's module from its layer ids). ``split_layers`` honours ``pp_layers_per_stage`` or balances
 ``layers + embedding_cost (first) + head_cost (last)`` (min-max cost, then the most even).
 
 Placement: ``pp * virtual_stages`` stages, stage s on pipeline rank ``s % pp`` (the looping
@@ -25,9 +25,6 @@ from typing import Callable
 
 import torch
 from torch import nn
-
-from megatron_phi4.config import ModelConfig
-from megatron_phi4.models.phi4.model import Phi4Model
 
 logger = logging.getLogger(__name__)
 
@@ -76,34 +73,13 @@ def stages_of_rank(pp_rank: int, pp: int, virtual_stages: int) -> list[int]:
     return [pp_rank + k * pp for k in range(virtual_stages)]
 
 
-def build_stage_module(cfg: ModelConfig, layer_ids: list[int], is_first: bool, is_last: bool,
-                       device: str | torch.device = "meta") -> Phi4Model:
-    """A Phi4Model holding only this stage's layers (global names kept); built on ``device``."""
-    with torch.device(device):
-        model = Phi4Model(cfg)
-    keep = {str(i) for i in layer_ids}
-    for name in list(model.layers.keys()):
-        if name not in keep:
-            del model.layers[name]
-    if not is_first:
-        model.embed_tokens = None
-    if not is_last:
-        model.norm = None
-        model.lm_head = None
-    return model
-
-
 def schedule_class(name: str, n_local_stages: int):
-    from torch.distributed.pipelining import (
-        Schedule1F1B,
-        ScheduleGPipe,
-        ScheduleInterleaved1F1B,
-        ScheduleInterleavedZeroBubble,
-    )
+    """The ``torch.distributed.pipelining`` schedule registered as ``name`` (``parallel.pp_schedule``)."""
+    from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe
 
-    table = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved_1f1b": ScheduleInterleaved1F1B,
-             "zero_bubble": ScheduleInterleavedZeroBubble}
-    cls = table[name]
+    from megatron_phi4.registry import PIPELINE_SCHEDULES
+
+    cls = PIPELINE_SCHEDULES.get(name, "parallel.pp_schedule")
     if n_local_stages > 1 and cls in (ScheduleGPipe, Schedule1F1B):
         raise ValueError(f"pp_schedule {name!r} runs one stage per rank, got {n_local_stages}")
     return cls

@@ -21,8 +21,10 @@ only ``seq / tp`` positions.
 Why not ``torch.distributed.tensor.parallel`` (DTensor TP)? It would work, but the parameters would
 become 2D DTensors (TP x FSDP) whose every op dispatches through DTensor; the explicit functions
 below are small, make every collective visible, and keep the parameters plain tensors that FSDP2
-then shards over the DP mesh only. The TP plan (which module gets which style) is data, in
-``models/phi4/parallelize.py``.
+then shards over the DP mesh only. With ``group=None`` every layer is its plain single-device
+counterpart (no collective runs), so one set of classes serves every layout. Each layer declares
+its sharding (``param_layout()``, see ``sharding.py``); which projection gets which style is the
+model's tensor-parallel plan (``models/phi4/tp_plan.py``), applied by the layer backend.
 """
 from __future__ import annotations
 
@@ -31,15 +33,18 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from megatron_phi4.distributed.sharding import whole
+
 SEQ_DIM = 1
 
 
 def _world(group) -> int:
-    return dist.get_world_size(group)
+    """Size of the TP group; ``None`` means no tensor parallelism (the layers then run as plain ones)."""
+    return 1 if group is None else dist.get_world_size(group)
 
 
 def _rank(group) -> int:
-    return dist.get_rank(group)
+    return 0 if group is None else dist.get_rank(group)
 
 
 def _all_gather_dim(x: torch.Tensor, group, dim: int) -> torch.Tensor:
@@ -139,24 +144,25 @@ class _ScatterToSP(torch.autograd.Function):
         return _all_gather_dim(grad, ctx.group, ctx.dim), None, None
 
 
+# Each entry point is the identity when there is no tensor parallelism (no autograd node, no copy).
 def copy_to_tp(x, group):
-    return _CopyToTP.apply(x, group)
+    return x if _world(group) == 1 else _CopyToTP.apply(x, group)
 
 
 def reduce_from_tp(x, group):
-    return _ReduceFromTP.apply(x, group)
+    return x if _world(group) == 1 else _ReduceFromTP.apply(x, group)
 
 
 def gather_from_sp(x, group, dim: int = SEQ_DIM):
-    return _GatherFromSP.apply(x, group, dim)
+    return x if _world(group) == 1 else _GatherFromSP.apply(x, group, dim)
 
 
 def reduce_scatter_to_sp(x, group, dim: int = SEQ_DIM):
-    return _ReduceScatterToSP.apply(x, group, dim)
+    return x if _world(group) == 1 else _ReduceScatterToSP.apply(x, group, dim)
 
 
 def scatter_to_sp(x, group, dim: int = SEQ_DIM):
-    return _ScatterToSP.apply(x, group, dim)
+    return x if _world(group) == 1 else _ScatterToSP.apply(x, group, dim)
 
 
 def prepare_tp_input(x, group, sequence_parallel: bool):
@@ -191,6 +197,16 @@ class ColumnParallelLinear(nn.Linear):
         self.group, self.input_mode, self.gather_output = group, input_mode, gather_output
         self.global_out_features, self.shard_offset = out_features, start
 
+    def param_layout(self):
+        """Rows [offset, offset + local) of the global (out, in) weight."""
+        tp = self.global_out_features // self.out_features
+        layout = {"weight": [whole("weight", (self.global_out_features, self.in_features), tp_dim=0,
+                                   tp_offset=self.shard_offset, tp_size=tp)]}
+        if self.bias is not None:
+            layout["bias"] = [whole("bias", (self.global_out_features,), tp_dim=0, tp_offset=self.shard_offset,
+                                    tp_size=tp)]
+        return layout
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_mode == "copy":
             x = copy_to_tp(x, self.group)
@@ -224,6 +240,14 @@ class RowParallelLinear(nn.Linear):
         self.group, self.sequence_parallel = group, sequence_parallel
         self.global_in_features, self.shard_offset = in_features, start
 
+    def param_layout(self):
+        """Columns [offset, offset + local) of the global (out, in) weight; the bias is replicated."""
+        layout = {"weight": [whole("weight", (self.out_features, self.global_in_features), tp_dim=1,
+                                   tp_offset=self.shard_offset)]}
+        if self.bias is not None:  # added after the reduction: partial gradients under sequence parallelism
+            layout["bias"] = [whole("bias", (self.out_features,), sp_grad=self.sequence_parallel)]
+        return layout
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight)
         y = reduce_scatter_to_sp(y, self.group) if self.sequence_parallel else reduce_from_tp(y, self.group)
@@ -250,6 +274,12 @@ class VocabParallelEmbedding(nn.Embedding):
         super().__init__(size, embedding_dim, device=device, dtype=dtype)
         self.group, self.sequence_parallel = group, sequence_parallel
         self.global_num_embeddings, self.shard_offset = num_embeddings, start
+
+    def param_layout(self):
+        """Rows [offset, offset + local) of the global (vocab, hidden) table."""
+        tp = self.global_num_embeddings // self.num_embeddings
+        return {"weight": [whole("weight", (self.global_num_embeddings, self.embedding_dim), tp_dim=0,
+                                 tp_offset=self.shard_offset, tp_size=tp)]}
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         local = tokens - self.shard_offset

@@ -41,7 +41,7 @@ from megatron_phi4.checkpoint.distributed import (
 )
 from megatron_phi4.checkpoint.format import resolve_checkpoint
 from megatron_phi4.checkpoint.sharded import load_optimizer_shards
-from megatron_phi4.distributed.engine import ParallelEngine
+from megatron_phi4.engine import ParallelEngine
 from megatron_phi4.losses import build_loss
 from megatron_phi4.training.lr_schedule import LRScheduler
 from megatron_phi4.training.metrics import MetricsLogger, default_peak_tflops, memory_metrics, throughput_metrics

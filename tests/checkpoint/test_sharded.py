@@ -36,7 +36,7 @@ def _batches(step: int):
 
 def _build(layout: dict, seed: int):
     from megatron_phi4.config import ParallelConfig
-    from megatron_phi4.distributed.engine import ParallelEngine
+    from megatron_phi4.engine import ParallelEngine
     from megatron_phi4.distributed.parallel_dims import ParallelDims
 
     pcfg = ParallelConfig(**layout)
@@ -89,7 +89,7 @@ def _source(rank, world, ckpt):
     for step in range(2):
         _train_step(engine, dims, opt, step)
     save_sharded(engine.local_shards(), f"{ckpt}/model")
-    save_sharded(optimizer_shards(opt, engine.local_shards()), f"{ckpt}/optim")  # the shards-dict form
+    save_sharded(optimizer_shards(opt, engine), f"{ckpt}/optim")
     fut = save_sharded(engine.local_shards(), f"{ckpt}-async/model", async_=True)
     fut.result()
     if rank == 0:
@@ -132,7 +132,7 @@ def test_save_tp2_pp2_dp2_reads_in_one_process(source):
     from megatron_phi4 import load_model
     from megatron_phi4.checkpoint.format import load_model_weights
     from megatron_phi4.checkpoint.sharded import load_sharded
-    from megatron_phi4.distributed.engine import ShardInfo
+    from megatron_phi4.distributed.sharding import ShardInfo
 
     ckpt, ref = source
     _assert_equal(load_model_weights(ckpt), ref["full"])
@@ -205,7 +205,7 @@ def test_single_process_checkpoint_into_tp2_dp2_and_errors(tmp_path):
 
 def test_errors_single_process(tmp_path):
     from megatron_phi4.checkpoint.sharded import load_sharded, save_sharded
-    from megatron_phi4.distributed.engine import ShardInfo
+    from megatron_phi4.distributed.sharding import ShardInfo
 
     a = torch.randn(6, 4)
     save_sharded({"a": (a, ShardInfo((6, 4), (0, 0), False))}, tmp_path / "m")
@@ -224,7 +224,7 @@ def test_errors_single_process(tmp_path):
 
 def _bad_tiling(rank, world, path, rects):
     from megatron_phi4.checkpoint.sharded import save_sharded
-    from megatron_phi4.distributed.engine import ShardInfo
+    from megatron_phi4.distributed.sharding import ShardInfo
 
     start, stop = rects[rank]
     save_sharded({"a": (torch.ones(stop - start), ShardInfo((4,), (start,), False))}, path)

@@ -86,7 +86,7 @@ def reference_run(kind: str, steps_data, seed: int = 0):
 
 def parallel_run(rank, world_size, layout: dict, kind: str, steps_data, n_mb_per_rank: int, seed: int = 0):
     """One rank of the same training under ``layout`` (ParallelConfig kwargs)."""
-    from megatron_phi4.distributed.engine import ParallelEngine
+    from megatron_phi4.engine import ParallelEngine
     from megatron_phi4.distributed.parallel_dims import ParallelDims
 
     cfg = tiny_cfg()

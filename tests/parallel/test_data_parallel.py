@@ -9,7 +9,7 @@ from tests.parallel._parity import make_lm_microbatches, tiny_cfg
 
 def _count_reduce_scatters(rank, world, every):
     from megatron_phi4.config import ParallelConfig
-    from megatron_phi4.distributed.engine import ParallelEngine
+    from megatron_phi4.engine import ParallelEngine
     from megatron_phi4.distributed.parallel_dims import ParallelDims
     from megatron_phi4.losses import LMLoss
 

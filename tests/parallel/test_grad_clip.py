@@ -24,7 +24,7 @@ def _reference_norm(mbs):
 
 def _parallel_norm(rank, world, layout, mbs):
     from megatron_phi4.config import ParallelConfig
-    from megatron_phi4.distributed.engine import ParallelEngine
+    from megatron_phi4.engine import ParallelEngine
     from megatron_phi4.distributed.parallel_dims import ParallelDims
     from megatron_phi4.losses import LMLoss
 

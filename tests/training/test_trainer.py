@@ -115,7 +115,7 @@ def test_optimizer_no_decay_on_norms_and_1d():
     import torch
 
     from megatron_phi4.config import OptimizerConfig, ParallelConfig, model_preset
-    from megatron_phi4.distributed.engine import ParallelEngine
+    from megatron_phi4.engine import ParallelEngine
     from megatron_phi4.distributed.parallel_dims import ParallelDims
     from megatron_phi4.training.lr_schedule import LRScheduler
     from megatron_phi4.training.optimizer import build_optimizer

@@ -1,7 +1,8 @@
 """Key/value cache for incremental decoding (Pivotal Token Search rollouts, evaluation).
 
 Preallocated per layer so decoding never reallocates; every row of the batch shares one length,
-which fits PTS (many rollouts of one prefix) and greedy evaluation.
+which fits PTS (many rollouts of one prefix) and greedy evaluation. Keys and values are stored in
+the "bshd" layout (batch, seq, kv heads, head_dim) that core attention takes.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 
 class KVCache:
     def __init__(self, layer_indices, batch_size, num_kv_heads, head_dim, max_seq_len, dtype, device):
-        shape = (batch_size, num_kv_heads, max_seq_len, head_dim)
+        shape = (batch_size, max_seq_len, num_kv_heads, head_dim)
         self.max_seq_len = max_seq_len
         self.seq_len = 0
         self.keys = {i: torch.zeros(shape, dtype=dtype, device=device) for i in layer_indices}
@@ -18,12 +19,12 @@ class KVCache:
 
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor):
         """Write the new keys/values after the cached ones; return all of them so far."""
-        end = self.seq_len + k.shape[2]
+        end = self.seq_len + k.shape[1]
         if end > self.max_seq_len:
             raise ValueError(f"KV cache overflow: {end} tokens > max_seq_len {self.max_seq_len}")
-        self.keys[layer_idx][:, :, self.seq_len:end] = k
-        self.values[layer_idx][:, :, self.seq_len:end] = v
-        return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
+        self.keys[layer_idx][:, self.seq_len:end] = k
+        self.values[layer_idx][:, self.seq_len:end] = v
+        return self.keys[layer_idx][:, :end], self.values[layer_idx][:, :end]
 
     def advance(self, num_tokens: int) -> None:
         self.seq_len += num_tokens

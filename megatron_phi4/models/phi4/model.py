@@ -1,10 +1,16 @@
 """The Phi-4 decoder as plain, single-device PyTorch.
 
-Parallelism is never written into this file: tensor, sequence and pipeline parallelism are applied
-afterwards by the functions in ``megatron_phi4.distributed`` (which swap linear layers for parallel
-ones, or delete the layers a pipeline stage does not own). The forward pass therefore tolerates a
-missing embedding (a later pipeline stage receives hidden states), and a missing final norm or head
-(an earlier stage returns hidden states).
+The model asks a layer backend (``megatron_phi4.layers``) for its pieces -- the embedding, RMSNorm
+fused into the Q/K/V projections, core attention, the output projection, RMSNorm + SwiGLU MLP, the
+final norm and the LM head -- and never names a layer class, so the same definition runs on plain
+PyTorch layers or on fused GPU layers, in one process or under tensor/sequence parallelism (the
+backend is built for the TP group). Pipeline parallelism builds a model holding only some layers
+(``layer_ids``), without the embedding or the head: the forward pass therefore accepts hidden
+states instead of token ids and returns hidden states where there is no head.
+
+Checkpoint names do not depend on the backend: ``state_dict()`` / ``load_state_dict()`` speak the
+stable names of ``state_dict.py`` (``layers.3.attention.q_proj.weight``, ...), whatever fused or
+renamed parameters a backend uses internally.
 
 Q, K and V are separate projections (HF fuses them as ``qkv_proj``): splitting each one contiguously
 by heads hands every tensor-parallel rank whole query groups, so no reordering is ever needed.
@@ -12,30 +18,15 @@ by heads hands every tensor-parallel rank whole query groups, so no reordering i
 from __future__ import annotations
 
 import math
+from typing import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from megatron_phi4.config import ModelConfig
+from megatron_phi4.layers.backend import AttentionMetadata, LayerBackend, build_backend
+from megatron_phi4.models.phi4 import state_dict as names
 from megatron_phi4.models.phi4.kv_cache import KVCache
-
-
-class RMSNorm(nn.Module):
-    """RMSNorm computed in fp32; the weight is applied after casting back, as in the release."""
-
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
-
-    def reset_parameters(self) -> None:
-        nn.init.ones_(self.weight)
 
 
 def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
@@ -58,91 +49,67 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (batch, heads, seq, head_dim); cos/sin: (batch, seq, head_dim)."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    """x: (batch, seq, heads, head_dim); cos/sin: (batch, seq, head_dim)."""
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
     return x * cos + rotate_half(x) * sin
 
 
-def document_causal_mask(document_ids: torch.Tensor) -> torch.Tensor:
-    """Boolean (batch, 1, seq, seq) mask, True where attention is allowed: causal and within a document."""
-    seq = document_ids.shape[-1]
-    causal = torch.ones(seq, seq, dtype=torch.bool, device=document_ids.device).tril()
-    same_doc = document_ids[:, :, None] == document_ids[:, None, :]
-    return (same_doc & causal)[:, None]
-
-
 class Attention(nn.Module):
-    """Grouped-query attention; query head h reads key/value head h // (heads / kv_heads)."""
+    """Grouped-query self-attention with RoPE; the input RMSNorm is fused into the Q/K/V piece."""
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, backend: LayerBackend):
         super().__init__()
-        self.layer_idx = layer_idx
-        self.head_dim = cfg.head_dim
-        # The local head counts shrink under tensor parallelism; the TP plan rewrites them.
-        self.num_heads = cfg.num_attention_heads
-        self.num_kv_heads = cfg.num_kv_heads
-        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
-        self.o_proj = nn.Linear(cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+        self.layer_idx, self.head_dim = layer_idx, cfg.head_dim
+        q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.qkv = backend.norm_linear(cfg.hidden_size, {"q_proj": q, "k_proj": kv, "v_proj": kv}, cfg.norm_eps)
+        self.core = backend.core_attention(cfg.num_attention_heads, cfg.num_kv_heads, cfg.head_dim)
+        self.o_proj = backend.linear(q, cfg.hidden_size, parallel="row")
 
-    def forward(self, x, cos, sin, attn_mask=None, kv_cache: KVCache | None = None):
-        batch, seq, _ = x.shape
-        q = self.q_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
+    def forward(self, x, cos, sin, meta: AttentionMetadata, kv_cache: KVCache | None = None):
+        q, k, v = self.qkv(x)
+        batch, seq = q.shape[:2]
+        q, k, v = (t.view(batch, seq, -1, self.head_dim) for t in (q, k, v))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)
-        out = self.core_attention(q, k, v, attn_mask)
-        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
-
-    def core_attention(self, q, k, v, attn_mask):
-        """softmax(q k^T / sqrt(d)) v; a separate method so selective recompute can wrap just this."""
-        if attn_mask is None:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, enable_gqa=True)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=True)
-
-
-class SwiGLU(nn.Module):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.o_proj(self.core(q, k, v, meta))
 
 
 class DecoderBlock(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int):
-        super().__init__()
-        self.input_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.attention = Attention(cfg, layer_idx)
-        self.post_attention_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.mlp = SwiGLU(cfg)
+    """``x + attention(norm(x))``, then ``x + mlp(norm(x))`` (the norms live inside the pieces)."""
 
-    def forward(self, x, cos, sin, attn_mask=None, kv_cache=None):
-        x = x + self.attention(self.input_norm(x), cos, sin, attn_mask, kv_cache)
-        return x + self.mlp(self.post_attention_norm(x))
+    def __init__(self, cfg: ModelConfig, layer_idx: int, backend: LayerBackend):
+        super().__init__()
+        self.attention = Attention(cfg, layer_idx, backend)
+        self.mlp = backend.norm_mlp(cfg.hidden_size, cfg.intermediate_size, cfg.norm_eps)
+
+    def forward(self, x, cos, sin, meta, kv_cache=None):
+        x = x + self.attention(x, cos, sin, meta, kv_cache)
+        return x + self.mlp(x)
 
 
 class Phi4Model(nn.Module):
     """Token embedding -> pre-norm decoder blocks -> final RMSNorm -> untied LM head.
 
-    ``layers`` is a ModuleDict keyed by the global layer index, so a pipeline stage that deletes
-    the layers it does not own keeps the names (and checkpoint keys) of the ones it does.
+    ``backend``: a LayerBackend (default: ``cfg.backend`` without tensor parallelism).
+    ``layer_ids``: the decoder layers this module holds (default all); ``layers`` is a ModuleDict
+    keyed by the global layer index, so a pipeline stage keeps the names (and checkpoint keys) of
+    the layers it owns. ``embedding`` / ``head``: whether it holds the embedding / final norm + head.
     """
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, backend: LayerBackend | None = None, *,
+                 layer_ids: Iterable[int] | None = None, embedding: bool = True, head: bool = True):
         super().__init__()
+        backend = backend if backend is not None else build_backend(cfg.backend)
         self.config = cfg
         self.rope_theta = cfg.rope_theta
-        self.embed_tokens: nn.Embedding | None = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleDict({str(i): DecoderBlock(cfg, i) for i in range(cfg.num_layers)})
-        self.norm: RMSNorm | None = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.lm_head: nn.Linear | None = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        layer_ids = range(cfg.num_layers) if layer_ids is None else layer_ids
+        self.embed_tokens = backend.embedding(cfg.vocab_size, cfg.hidden_size) if embedding else None
+        self.layers = nn.ModuleDict({str(i): DecoderBlock(cfg, i, backend) for i in layer_ids})
+        self.norm = backend.norm(cfg.hidden_size, cfg.norm_eps) if head else None
+        self.lm_head = backend.lm_head(cfg.hidden_size, cfg.vocab_size) if head else None
+        self._layout = None
+        names.install_state_dict_hooks(self)
 
     def forward(
         self,
@@ -163,14 +130,15 @@ class Phi4Model(nn.Module):
             advanced by ``seq``.
         """
         h = self.embed_tokens(tokens) if self.embed_tokens is not None else tokens
-        batch, seq = h.shape[:2]
+        batch = h.shape[0]
+        seq = tokens.shape[1] if position_ids is None else position_ids.shape[1]
         past = kv_cache.seq_len if kv_cache is not None else 0
         if position_ids is None:
             position_ids = torch.arange(past, past + seq, device=h.device).expand(batch, seq)
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.rope_theta, h.dtype)
-        attn_mask = self._attention_mask(document_ids, seq, past, h.device)
+        meta = AttentionMetadata(seq, past, document_ids, device=h.device)
         for layer in self.layers.values():
-            h = layer(h, cos, sin, attn_mask, kv_cache)
+            h = layer(h, cos, sin, meta, kv_cache)
         if kv_cache is not None:
             kv_cache.advance(seq)
         if self.norm is not None:
@@ -179,32 +147,32 @@ class Phi4Model(nn.Module):
             h = self.lm_head(h)
         return h
 
-    @staticmethod
-    def _attention_mask(document_ids, seq: int, past: int, device) -> torch.Tensor | None:
-        if document_ids is not None:
-            if past:
-                raise ValueError("document_ids (packed sequences) cannot be combined with a non-empty KV cache")
-            return document_causal_mask(document_ids)
-        if past and seq > 1:
-            # New queries sit at the end of the key range: bottom-right aligned causal mask.
-            return torch.ones(seq, past + seq, dtype=torch.bool, device=device).tril(diagonal=past)
-        return None  # plain causal (or a single decoded token that sees everything)
+    def set_rope_theta(self, theta: float) -> None:
+        self.rope_theta = float(theta)
+
+    def checkpoint_layout(self):
+        """{local parameter FQN: pieces named by their stable checkpoint names} (cached)."""
+        if self._layout is None:
+            self._layout = names.param_layout(self)
+        return self._layout
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:
-        """Draw every parameter with ``init_parameter_`` in ``named_parameters`` order from one
-        generator, so a seed fixes the whole model; parallel runs that must match a single-process
-        run draw the same full tensors in the same order and keep their slice."""
-        for name, param in self.named_parameters():
-            init_parameter_(name, param, self.config, generator)
+        """Draw every tensor with ``init_parameter_`` in checkpoint-name order (``state_dict.py``)
+        from one generator, so a seed fixes the whole model; parallel runs that must match a
+        single-process run draw the same full tensors in the same order and keep their slice."""
+        views = self.state_dict()  # views of the parameters under their checkpoint names
+        for name in names.global_shapes(self.config):
+            if name in views:
+                init_parameter_(name, views[name], self.config, generator)
 
     def create_kv_cache(self, batch_size: int, max_seq_len: int, dtype=None, device=None) -> KVCache:
         ref = next(self.parameters())
-        attn = next(iter(self.layers.values())).attention
+        core = next(iter(self.layers.values())).attention.core
         return KVCache(
             layer_indices=[int(i) for i in self.layers.keys()],
             batch_size=batch_size,
-            num_kv_heads=attn.k_proj.out_features // self.config.head_dim,
+            num_kv_heads=core.num_kv_heads,
             head_dim=self.config.head_dim,
             max_seq_len=max_seq_len,
             dtype=dtype or ref.dtype,
@@ -215,7 +183,8 @@ class Phi4Model(nn.Module):
 @torch.no_grad()
 def init_parameter_(name: str, tensor: torch.Tensor, cfg: ModelConfig, generator=None) -> torch.Tensor:
     """Megatron's scheme: N(0, init_std) everywhere, the output projection of each residual branch
-    scaled by 1/sqrt(2 * num_layers) (keeps the residual stream's variance flat with depth), norms at one."""
+    scaled by 1/sqrt(2 * num_layers) (keeps the residual stream's variance flat with depth), norms at one.
+    ``name`` is the checkpoint name."""
     if name.endswith("norm.weight"):
         return tensor.fill_(1.0)
     std = cfg.init_std
@@ -224,10 +193,11 @@ def init_parameter_(name: str, tensor: torch.Tensor, cfg: ModelConfig, generator
     return tensor.normal_(0.0, std, generator=generator)
 
 
-def build_model(cfg: ModelConfig, device: torch.device | str = "cpu", seed: int | None = 0) -> Phi4Model:
+def build_model(cfg: ModelConfig, device: torch.device | str = "cpu", seed: int | None = 0,
+                backend: LayerBackend | None = None) -> Phi4Model:
     """Build on the meta device (no memory), then materialize on ``device`` and initialize."""
     with torch.device("meta"):
-        model = Phi4Model(cfg)
+        model = Phi4Model(cfg, backend)
     model.to_empty(device=device)
     generator = None
     if seed is not None:

@@ -7,6 +7,13 @@ The trainer builds exactly one engine and uses::
     norm = engine.clip_grad_norm_(max_norm)
     optimizer.step()                                          # optimizer over engine.parameters()
 
+The engine knows no model: a ``ModelSpec`` (``model.arch``) builds each pipeline stage's module
+on the configured layer backend (``model.backend``), built for this rank's TP group; every layer
+declares how its parameters are sharded, so the engine only intersects those declarations with
+FSDP's row split (``distributed/sharding.py``) to name this rank's rectangles of the global
+tensors (``local_shards``), to initialize bit-identically to one process, and to count each
+element once in the gradient norm.
+
 Loss scaling contract: every micro-batch's ``loss_sum`` is divided by ``global_units`` (the units of
 the whole global batch: all DP ranks, all micro-batches) before backward, and all gradient
 reductions *sum* (FSDP divide factor 1, SP norm all-reduce, optional DDP-style all-reduce). The
@@ -14,9 +21,6 @@ gradient is therefore that of the token-weighted global mean, whatever the split
 """
 from __future__ import annotations
 
-import logging
-import math
-from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -24,28 +28,17 @@ import torch.distributed as dist
 from torch import nn
 
 from megatron_phi4.config import ModelConfig, ParallelConfig
-from megatron_phi4.distributed.data_parallel import all_reduce_grads, fsdp_dtypes, set_grad_sync
+from megatron_phi4.distributed.data_parallel import all_reduce_grads, apply_fsdp, fsdp_dtypes, set_grad_sync
 from megatron_phi4.distributed.grad_clip import clip_grads_, global_grad_norm
 from megatron_phi4.distributed.parallel_dims import ParallelDims
-from megatron_phi4.distributed.pipeline import PipelineRunner, build_stage_module, split_layers, stages_of_rank
-from megatron_phi4.losses import sequence_log_probs as _sequence_log_probs
-from megatron_phi4.models.phi4 import parallelize as par
-from megatron_phi4.models.phi4.model import Phi4Model, init_parameter_
-
-logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ShardInfo:
-    """The rectangle of the global tensor a local tensor holds."""
-
-    global_shape: tuple[int, ...]
-    global_offset: tuple[int, ...]
-    replicated: bool  # another rank holds the same data and writes it (write only if False)
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t
+from megatron_phi4.distributed.pipeline import PipelineRunner, split_layers, stages_of_rank
+from megatron_phi4.distributed.recompute import apply_recompute
+from megatron_phi4.distributed.sharding import (
+    ShardCoordinates, ShardInfo, shard_views, sp_grad_params, tp_replicated_params,
+)
+from megatron_phi4.layers.backend import ParallelContext, build_backend
+from megatron_phi4.losses.base import sequence_log_probs
+from megatron_phi4.models.spec import ModelSpec, model_spec
 
 
 def global_units(microbatches, loss_fn, dp_group=None, device=None) -> float:
@@ -62,7 +55,7 @@ def global_units(microbatches, loss_fn, dp_group=None, device=None) -> float:
 
 
 class ParallelEngine:
-    """This rank's share of Phi-4 under the configured 3D layout.
+    """This rank's share of the model under the configured 3D layout.
 
     Args:
         model_cfg, parallel_cfg: the configuration (validated again here, before any collective).
@@ -70,18 +63,20 @@ class ParallelEngine:
         seed: initialization seed; the parameters are bit-identical to ``build_model(cfg, seed=seed)``
             sliced into this rank's shards (drawn one full tensor at a time, see ``_init_from_seed``).
         device: defaults to ``dims.device``.
-        full_state_dict: load these full tensors (plain FQNs) instead of initializing.
+        full_state_dict: load these full tensors (checkpoint names) instead of initializing.
         sync_grads_every_microbatch: (pp == 1 with FSDP) reduce-scatter after every micro-batch instead
             of accumulating unsharded fp32 gradients until the last one: more communication, but
             saves 4 bytes x (params / tp) of memory (see docs/parallelism.md). Under PP the
             pipeline stage always accumulates and reduces once.
+        spec: the model spec (default: the one registered as ``model_cfg.arch``).
     """
 
     def __init__(self, model_cfg: ModelConfig, parallel_cfg: ParallelConfig, dims: ParallelDims, *,
                  seed: int = 0, device=None, full_state_dict: dict | None = None,
-                 sync_grads_every_microbatch: bool = False):
+                 sync_grads_every_microbatch: bool = False, spec: ModelSpec | None = None):
         parallel_cfg.validate(model_cfg, dims.world_size)
         self.model_cfg, self.parallel_cfg, self.dims = model_cfg, parallel_cfg, dims
+        self.spec = spec or model_spec(model_cfg)
         self.device = torch.device(device) if device is not None else dims.device
         self.tp, self.pp, self.dp = dims.tp, dims.pp, dims.dp
         self.sequence_parallel = parallel_cfg.sequence_parallel and self.tp > 1
@@ -99,26 +94,28 @@ class ParallelEngine:
                                         parallel_cfg.pp_layers_per_stage if self.pp > 1 else None,
                                         parallel_cfg.pp_embedding_cost, parallel_cfg.pp_head_cost)
         self.stage_ids = stages_of_rank(dims.pp_rank, self.pp, virtual)
-        with torch.device("meta"):
-            self._global_shapes = {n: tuple(p.shape) for n, p in Phi4Model(model_cfg).named_parameters()}
+        self._global_shapes = dict(self.spec.global_shapes(model_cfg))
 
-        tp_group = dims.tp_group if self.tp > 1 else None
-        self._tp_shard: dict[str, tuple[int | None, int]] = {}
-        self._sp_params: set[str] = set()
+        ctx = ParallelContext.from_group(dims.tp_group if self.tp > 1 else None, self.sequence_parallel)
+        backend = build_backend(model_cfg.backend, ctx)
+        self.where = ShardCoordinates(dims.tp_rank, dims.dp_rank, self.dp, self.use_fsdp)
+        self.layout: dict = {}
         self.model_parts: list[nn.Module] = []
         for sid in self.stage_ids:
-            part = build_stage_module(model_cfg, self.layer_split[sid], sid == 0, sid == self.num_stages - 1)
-            self._tp_shard.update(par.apply_tp(part, tp_group, self.tp))
-            if self.sequence_parallel:
-                self._sp_params.update(par.apply_sp(part))
-            par.apply_ac(part, parallel_cfg.recompute)
+            with torch.device("meta"):
+                part = self.spec.build_stage(model_cfg, backend, self.layer_split[sid],
+                                             embedding=sid == 0, head=sid == self.num_stages - 1)
+            self.layout.update(part.checkpoint_layout())  # declared before FSDP wraps the parameters
+            apply_recompute(self.spec.blocks(part), parallel_cfg.recompute, self.spec.selective_recompute)
             if self.use_fsdp:
                 # Under PP each micro-batch's backward comes later in the schedule: keeping the gathered
                 # parameters after forward avoids an all-gather per micro-batch (torchtitan does the same).
-                par.apply_fsdp(part, dims.dp_mesh, param_dtype=param_dtype, reduce_dtype=reduce_dtype,
-                               reshard_after_forward=self.pp == 1)
+                apply_fsdp(part, self.spec.blocks(part), dims.dp_mesh, param_dtype=param_dtype,
+                           reduce_dtype=reduce_dtype, reshard_after_forward=self.pp == 1)
             part.to_empty(device=self.device)
             self.model_parts.append(part)
+        self._sp_params = sp_grad_params(self.layout) if self.sequence_parallel else []
+        self._tp_replicated = tp_replicated_params(self.layout)
 
         self._runner = None
         if self.pp > 1:
@@ -135,6 +132,7 @@ class ParallelEngine:
 
     # ------------------------------------------------------------------ parameters and shards
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """This rank's parameters under their local (backend) names."""
         for part in self.model_parts:
             yield from part.named_parameters()
 
@@ -142,34 +140,17 @@ class ParallelEngine:
         for _, p in self.named_parameters():
             yield p
 
-    def _tp_replicated(self, name: str) -> bool:
-        return self._tp_shard.get(name, (None, 0))[0] is None
-
-    def _shard_info(self, name: str, local: torch.Tensor) -> ShardInfo:
-        gshape = self._global_shapes[name]
-        offset = [0] * len(gshape)
-        tp_dim, tp_off = self._tp_shard.get(name, (None, 0))
-        tp_shape = list(gshape)
-        if tp_dim is not None:
-            offset[tp_dim] = tp_off
-            tp_shape[tp_dim] //= self.tp
-        if self.use_fsdp and self.dp > 1:  # FSDP2 shards dim 0 like torch.chunk
-            chunk = math.ceil(tp_shape[0] / self.dp)
-            offset[0] += min(self.dims.dp_rank * chunk, tp_shape[0])
-        replicated = (tp_dim is None and self.dims.tp_rank > 0) or (not self.use_fsdp and self.dims.dp_rank > 0)
-        return ShardInfo(tuple(gshape), tuple(offset), replicated)
+    def shard_views(self, tensors: dict[str, torch.Tensor], suffix: str = "") -> dict[str, tuple[torch.Tensor, ShardInfo]]:
+        """{checkpoint name + suffix: (view, ShardInfo)} for tensors shaped like this rank's
+        parameters, keyed by local parameter name (the parameters, or optimizer moments)."""
+        return shard_views(tensors, self.layout, self.where, suffix=suffix)
 
     def local_shards(self) -> dict[str, tuple[torch.Tensor, ShardInfo]]:
-        """{plain FQN: (local tensor, ShardInfo)} for every parameter this rank holds."""
-        out = {}
-        for name, p in self.named_parameters():
-            local = _local(p.data if not hasattr(p, "to_local") else p).detach()
-            out[name] = (local, self._shard_info(name, local))
-        return out
+        """{checkpoint name: (view of this rank's rectangle, ShardInfo)} for every tensor it holds."""
+        return self.shard_views({n: p.detach() for n, p in self.named_parameters()})
 
     def shard_info(self, name: str) -> ShardInfo:
-        p = dict(self.named_parameters())[name]
-        return self._shard_info(name, _local(p))
+        return self.local_shards()[name][1]
 
     @staticmethod
     def _slice(full: torch.Tensor, local: torch.Tensor, info: ShardInfo) -> torch.Tensor:
@@ -179,33 +160,31 @@ class ParallelEngine:
     @torch.no_grad()
     def _init_from_seed(self, seed: int) -> None:
         """Bit-identical to ``build_model(cfg, seed=seed)`` followed by slicing, without ever holding
-        the full model: the full tensors are drawn one at a time, in the full model's
-        ``named_parameters`` order from one generator (``Phi4Model.init_weights``' rule), and only this
-        rank's rectangle is kept. Peak extra memory: one full tensor (the 2 GB embedding for 14B)."""
+        the full model: the full tensors are drawn one at a time, in checkpoint-name order from one
+        generator (the spec's initialization rule), and only this rank's rectangles are kept.
+        Peak extra memory: one full tensor (the 2 GB embedding for 14B)."""
         gen = torch.Generator(device="cpu").manual_seed(seed)
-        params = dict(self.named_parameters())
+        shards = self.local_shards()
         for name, shape in self._global_shapes.items():
-            full = init_parameter_(name, torch.empty(shape), self.model_cfg, gen)
-            if name in params:
-                local = _local(params[name])
-                local.copy_(self._slice(full, local, self._shard_info(name, local)).to(local.device, local.dtype))
+            full = self.spec.init_tensor(name, torch.empty(shape), self.model_cfg, gen)
+            if name in shards:
+                local, info = shards[name]
+                local.copy_(self._slice(full, local, info).to(local.device, local.dtype))
 
     @torch.no_grad()
     def load_full_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
-        """Copy this rank's rectangles out of full tensors (plain FQNs)."""
-        for name, p in self.named_parameters():
+        """Copy this rank's rectangles out of full tensors (checkpoint names)."""
+        for name, (local, info) in self.local_shards().items():
             if name not in sd:
                 raise KeyError(f"load_full_state_dict: missing {name!r}")
             if tuple(sd[name].shape) != self._global_shapes[name]:
                 raise ValueError(f"load_full_state_dict: {name} has shape {tuple(sd[name].shape)}, "
                                  f"expected {self._global_shapes[name]}")
-            local = _local(p)
-            info = self._shard_info(name, local)
             local.copy_(self._slice(sd[name], local, info).to(local.device, local.dtype))
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Full fp32 CPU tensors with plain FQNs on every rank (all-gathers every shard: small models,
-        tests and export only)."""
+        """Full fp32 CPU tensors with checkpoint names on every rank (all-gathers every shard: small
+        models, tests and export only)."""
         mine = {n: (t.cpu().clone(), info) for n, (t, info) in self.local_shards().items() if not info.replicated}
         gathered: list = [None] * dist.get_world_size() if dist.is_initialized() else [mine]
         if dist.is_initialized():
@@ -230,7 +209,7 @@ class ParallelEngine:
 
     def set_rope_theta(self, theta: float) -> None:
         for part in self.model_parts:
-            part.rope_theta = float(theta)
+            part.set_rope_theta(theta)
 
     # ------------------------------------------------------------------ running
     def global_units(self, microbatches, loss_fn) -> float:
@@ -329,24 +308,19 @@ class ParallelEngine:
         """Evaluation: same return value as ``forward_backward``, no gradients."""
         return self._losses(microbatches, loss_fn, global_units, train=False)
 
-    def sequence_log_probs(self, microbatches) -> list[torch.Tensor]:
-        """Per-row sum of log p(labels) * loss_mask for every micro-batch (forward only), fp32 on CPU,
-        on every rank of the pipeline (e.g. DPO reference log-probs)."""
+    def per_row(self, microbatches, row_fn) -> list[torch.Tensor]:
+        """Forward only; ``row_fn(logits, mb, tp_group) -> (rows,) tensor`` on the last stage for
+        every micro-batch (e.g. summed completion log-probs for DPO references). Returns the
+        per-row values, fp32 on CPU, on every rank of the pipeline."""
         mbs = [self._prepare(mb) for mb in microbatches]
         results: dict[int, torch.Tensor] = {}
 
         def cb(logits, i):
-            mb = mbs[i]
-            mask = mb.get("loss_mask")
-            mask = (mb["labels"] >= 0).float() if mask is None else mask
-            results[i] = _sequence_log_probs(logits, mb["labels"], mask, self._loss_tp_group).detach().float()
+            results[i] = row_fn(logits, mbs[i], self._loss_tp_group).detach().float()
             return logits.new_zeros(())
 
         self._run(mbs, cb, train=False)
-        out = []
-        for i, mb in enumerate(mbs):
-            t = results.get(i, torch.zeros(mb["input_ids"].shape[0], device=self.device))
-            out.append(t)
+        out = [results.get(i, torch.zeros(mb["input_ids"].shape[0], device=self.device)) for i, mb in enumerate(mbs)]
         if self.pp > 1:
             flat = torch.cat(out).contiguous()
             if not self.dims.is_last_stage:
@@ -355,13 +329,23 @@ class ParallelEngine:
             out = list(flat.split([mb["input_ids"].shape[0] for mb in mbs]))
         return [t.cpu() for t in out]
 
+    def sequence_log_probs(self, microbatches) -> list[torch.Tensor]:
+        """Per-row sum of log p(labels) * loss_mask (forward only), e.g. DPO reference log-probs."""
+        def row_fn(logits, mb, tp_group):
+            mask = mb.get("loss_mask")
+            mask = (mb["labels"] >= 0).float() if mask is None else mask
+            return sequence_log_probs(logits, mb["labels"], mask, tp_group)
+
+        return self.per_row(microbatches, row_fn)
+
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float) -> float:
         """Clip to ``max_norm`` (<= 0: only measure) by the true global norm; returns the norm before
-        clipping, identical on every rank."""
+        clipping, identical on every rank. Each element is counted once: TP-replicated parameters on
+        TP rank 0 only, DP replicas (without FSDP) on DP rank 0 only."""
         counted = []
         for name, p in self.named_parameters():
-            count = not (self._tp_replicated(name) and self.dims.tp_rank > 0)
+            count = not (name in self._tp_replicated and self.dims.tp_rank > 0)
             count = count and (self.use_fsdp or self.dims.dp_rank == 0)
             counted.append((p, count))
         norm = float(global_grad_norm(counted, device=self.device))
