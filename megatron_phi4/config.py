@@ -237,7 +237,7 @@ class OptimizerConfig:
     warmup_steps: int = 0
     decay_style: str = "cosine"
     decay_steps: int | None = None  # None: the rest of the stage after warm-up
-    impl: str = "torch"  # torch AdamW (fused on GPU) or apex FusedAdam
+    impl: str = "torch"  # torch AdamW (fused=True on CUDA)
 
     def validate(self, prefix: str = "optim") -> None:
         _require(self.lr > 0, f"{prefix}.lr", "must be positive")
@@ -247,7 +247,12 @@ class OptimizerConfig:
         _require(self.clip_grad >= 0, f"{prefix}.clip_grad", "must be >= 0 (0 disables)")
         _require(self.warmup_steps >= 0, f"{prefix}.warmup_steps", "must be >= 0")
         _choice(self.decay_style, f"{prefix}.decay_style", ("cosine", "linear", "constant"))
-        _choice(self.impl, f"{prefix}.impl", ("torch", "apex"))
+        # apex's FusedAdam keeps its step count per parameter group, outside the state this project
+        # checkpoints, so a resumed run would restart Adam's bias correction: refused rather than
+        # silently different. torch's fused AdamW (used on CUDA) is the same fused kernel family.
+        _require(self.impl == "torch", f"{prefix}.impl",
+                 f"got {self.impl!r}; only 'torch' (AdamW, fused on CUDA) is allowed: apex FusedAdam's step count "
+                 f"is not checkpointed, so a resumed run would differ from an uninterrupted one")
 
 
 @dataclass
@@ -261,6 +266,24 @@ class LossConfig:
         _registered(self.type, f"{prefix}.type", registry.LOSSES)
         _require(self.dpo_beta > 0, f"{prefix}.dpo_beta", "must be positive")
         _require(0 <= self.dpo_label_smoothing < 0.5, f"{prefix}.dpo_label_smoothing", "must be in [0, 0.5)")
+
+
+# --------------------------------------------------------------------------- callbacks
+@dataclass
+class CallbackConfig:
+    """One trainer callback: a built-in (nonfinite, metrics, evaluation, stop_signal, checkpoint), a
+    name registered in ``megatron_phi4.registry.CALLBACKS``, or ``"module:Class"``. Every other key
+    of the entry is passed to the callback's constructor (``options``)."""
+
+    type: str = ""
+    enabled: bool = True
+    options: dict = field(default_factory=dict)
+
+    def validate(self, prefix: str) -> None:
+        _require(bool(self.type), f"{prefix}.type", "names the callback (e.g. evaluation, or my.module:MyCallback)")
+        _require(self.type in registry.CALLBACKS or ":" in self.type, f"{prefix}.type",
+                 f"got {self.type!r}; allowed: {', '.join(map(repr, registry.CALLBACKS.names()))} or "
+                 f"'module:Class'")
 
 
 # --------------------------------------------------------------------------- stages and recipe
@@ -277,6 +300,7 @@ class StageConfig:
     reset_optimizer: bool = True
     eval_interval: int = 0  # steps; 0 disables validation
     eval_iters: int = 1
+    callbacks: list[CallbackConfig] = field(default_factory=list)  # active only during this stage
 
     def validate(self, prefix: str) -> None:
         _require(bool(re.fullmatch(r"[A-Za-z0-9_\-]+", self.name)), f"{prefix}.name",
@@ -291,6 +315,8 @@ class StageConfig:
         self.data.validate(f"{prefix}.data")
         self.optim.validate(f"{prefix}.optim")
         self.loss.validate(f"{prefix}.loss")
+        for i, cb in enumerate(self.callbacks):
+            cb.validate(f"{prefix}.callbacks.{i}")
         if self.loss.type == "dpo":
             _require(self.data.kind in ("preference", "synthetic"), f"{prefix}.data.kind",
                      f"a DPO loss needs preference data, got {self.data.kind!r}")
@@ -339,16 +365,24 @@ class RecipeConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     stages: list[StageConfig] = field(default_factory=list)
     max_skipped_steps: int = 5  # consecutive non-finite steps before the run stops
+    # Trainer callbacks in dispatch order; built-ins not listed run after these in their default order
+    # (nonfinite, metrics, evaluation, stop_signal, checkpoint); `{type: X, enabled: false}` removes one.
+    callbacks: list[CallbackConfig] = field(default_factory=list)
 
     def validate(self, world_size: int | None = None) -> "RecipeConfig":
         self.model.validate("model")
         self.parallel.validate(self.model, world_size, "parallel")
         self.checkpoint.validate("checkpoint")
+        for i, cb in enumerate(self.callbacks):
+            cb.validate(f"callbacks.{i}")
         _require(bool(self.stages), "stages", "a recipe needs at least one stage")
         names = [s.name for s in self.stages]
         _require(len(set(names)) == len(names), "stages", f"stage names must be unique, got {names}")
         for i, stage in enumerate(self.stages):
             stage.validate(f"stages.{stage.name}")
+            _require(stage.data.seq_length <= self.model.max_seq_length, f"stages.{stage.name}.data.seq_length",
+                     f"{stage.data.seq_length} exceeds model.max_seq_length={self.model.max_seq_length} (the longest "
+                     f"sequence the model is configured for); raise model.max_seq_length or shorten the stage")
             if world_size is not None:
                 stage.data.check_batch_layout(self.parallel.resolved_dp(world_size), f"stages.{stage.name}.data")
         return self
@@ -419,6 +453,9 @@ def from_dict(cls, data: dict | None, name: str = ""):
         data = {**{f.name: getattr(base, f.name) for f in dataclasses.fields(base)}, **data}
     hints = _hints(cls)
     fields = {f.name for f in dataclasses.fields(cls)}
+    if cls is CallbackConfig:  # every key but type/enabled is an option of the callback
+        options = {k: data.pop(k) for k in list(data) if k not in fields}
+        data["options"] = {**dict(data.get("options") or {}), **options}
     unknown = sorted(set(data) - fields)
     if unknown:
         where = f"{name}." if name else ""

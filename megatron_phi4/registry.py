@@ -101,4 +101,10 @@ MODELS = Registry("model.arch", {
 })
 
 # Trainer callbacks a recipe can name (``callbacks: [{type: ...}]``): classes taking keyword options.
-CALLBACKS = Registry("callbacks.type", {})
+CALLBACKS = Registry("callbacks.type", {
+    "nonfinite": "megatron_phi4.training.callbacks.builtin:NonFiniteStepPolicy",
+    "metrics": "megatron_phi4.training.callbacks.builtin:MetricsCallback",
+    "evaluation": "megatron_phi4.training.callbacks.builtin:EvaluationCallback",
+    "stop_signal": "megatron_phi4.training.callbacks.builtin:StopSignalCallback",
+    "checkpoint": "megatron_phi4.training.callbacks.builtin:CheckpointCallback",
+})

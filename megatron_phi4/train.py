@@ -16,6 +16,7 @@ Exit status: 0 when the run finished or stopped cleanly on SIGTERM/SIGUSR1 (afte
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import socket
 import sys
@@ -57,6 +58,13 @@ def _tune_malloc() -> None:
         pass
 
 
+def _configure_logging(rank: int) -> None:
+    """The library logs one line per verb (apply_fsdp, pipeline schedule, ...): shown on rank 0,
+    warnings and errors only on the other ranks. ``PHI4_LOG_LEVEL`` overrides the level."""
+    level = os.environ.get("PHI4_LOG_LEVEL", "INFO" if rank == 0 else "WARNING").upper()
+    logging.basicConfig(level=level, format=f"[rank {rank}] %(levelname)s %(name)s: %(message)s", force=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _tune_malloc()
@@ -76,10 +84,14 @@ def main(argv: list[str] | None = None) -> int:
         variables["SAMPLE_DATA"] = sample_dir
     variables.setdefault("SAMPLE_DATA", os.environ.get("SAMPLE_DATA", DEFAULT_SAMPLE_DIR))
     variables["RECIPE_DIR"] = str(Path(config).resolve().parent)
+    _configure_logging(rank)
     try:
         recipe = load_recipe(config, args.overrides, world_size, variables=variables)
         if args.stage is not None:
             recipe.stage(args.stage)
+        from megatron_phi4.training.preflight import check_run_inputs
+
+        check_run_inputs(recipe, args.stage)  # every input of every stage, before any process group
     except ConfigError as e:
         print(f"phi4-train: configuration error: {e}", file=sys.stderr, flush=True)
         return 2
@@ -129,7 +141,14 @@ def _print_summary(summary: dict) -> None:
         lines.append(f"  {name}: " + ", ".join(parts))
     if summary.get("stopped_by_signal"):
         lines.append("  run stopped cleanly on a signal; rerun the same command to resume")
-    lines.append(f"  total {summary.get('global_step', 0)} steps in {summary.get('wall_s', 0):.1f}s")
+    lines.append(f"  total {summary.get('global_step', 0)} steps in {summary.get('wall_s', 0):.1f}s"
+                 f" (run {summary.get('run_id')})")
+    run_dir = summary.get("run_dir")
+    if run_dir:
+        lines.append(f"  checkpoints: {summary.get('checkpoints')}  (latest: {summary.get('checkpoints')}/latest;"
+                     f" load with megatron_phi4.load_model('{summary.get('checkpoints')}'))")
+        lines.append(f"  metrics:     {run_dir}/metrics.jsonl")
+        lines.append(f"  tensorboard: tensorboard --logdir {run_dir}/tensorboard")
     print("\n".join(lines), flush=True)
 
 

@@ -1,7 +1,7 @@
 """AdamW over the engine's parameters, without weight decay on norms, biases and other 1-D tensors.
 
-``impl: torch`` uses ``torch.optim.AdamW`` (``fused=True`` on CUDA); ``impl: apex`` uses
-``apex.optimizers.FusedAdam`` (AdamW mode) and fails clearly when apex is not installed.
+``torch.optim.AdamW``, ``fused=True`` on CUDA. (apex's FusedAdam is refused by the config: its
+step count lives outside the optimizer state this project checkpoints, so it could not resume.)
 """
 from __future__ import annotations
 
@@ -30,13 +30,6 @@ def build_optimizer(engine, cfg) -> torch.optim.Optimizer:
     """cfg: OptimizerConfig. The learning rate is set per step by the LR schedule."""
     groups = param_groups(engine.named_parameters(), cfg.weight_decay)
     device = getattr(engine, "device", torch.device("cpu"))
-    if cfg.impl == "apex":
-        try:
-            from apex.optimizers import FusedAdam
-        except ImportError as e:
-            raise RuntimeError("optim.impl: 'apex' needs NVIDIA apex (apex.optimizers.FusedAdam), which is not "
-                               "importable here; install apex or use optim.impl=torch") from e
-        return FusedAdam(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, adam_w_mode=True)
     fused = torch.device(device).type == "cuda"
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                              fused=fused or None)
