@@ -108,14 +108,14 @@ class Trainer:
         return dataclasses.replace(self.recipe.model, rope_theta=self.stage_theta(stage))
 
     def _build_data(self, stage, consumed: int, num_steps: int):
-        from megatron_phi4.training.data import build_stage_data
+        from megatron_phi4.data.stage import build_stage_data
 
         return build_stage_data(stage, dp_rank=self.dims.dp_rank, dp_size=self.dims.dp,
                                 consumed_samples=consumed, num_steps=num_steps,
                                 vocab_size=self.recipe.model.vocab_size)
 
     def _build_validation(self, stage):
-        from megatron_phi4.training.data import build_validation_data
+        from megatron_phi4.data.stage import build_validation_data
 
         return build_validation_data(stage, dp_rank=self.dims.dp_rank, dp_size=self.dims.dp,
                                      vocab_size=self.recipe.model.vocab_size)
