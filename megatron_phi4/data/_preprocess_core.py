@@ -700,7 +700,7 @@ def _no_documents_message(processor: Processor, files: Sequence[str],
     lines = sum(s["lines"] - s["blank_lines"] for s in stats)
     where = f"{len(files)} input file{'s' if len(files) != 1 else ''}"
     head = f"no documents for {prefix}: "
-    tail = "; nothing was written (megatron-core cannot open a dataset without documents)"
+    tail = ". Nothing was written (megatron-core cannot open a dataset without documents)"
     if lines == 0:
         return head + f"the {where} hold no non-blank lines" + tail
     skipped: Dict[str, int] = {}
@@ -717,8 +717,8 @@ def _no_documents_message(processor: Processor, files: Sequence[str],
                          for k in processor.required_keys)
         seen = sorted(keys, key=lambda k: (-keys[k], k))[:10]
         msg += (f". {have}; {processor.keys_option} {' '.join(processor.required_keys)}; "
-                f"keys seen: {seen}" + (" ..." if len(keys) > 10 else "")
-                + f". Is {processor.keys_option} right?")
+                f"keys seen: {seen}" + (" ..." if len(keys) > 10 else ""))
+        return msg + tail + f". Check {processor.keys_option}."
     return msg + tail
 
 
