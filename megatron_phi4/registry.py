@@ -74,12 +74,13 @@ LOSSES = Registry("loss.type", {
     "dpo": "megatron_phi4.losses.dpo:build_dpo_loss",
 })
 
-# Kinds of stage data (``stages.<name>.data.kind``).
+# Kinds of stage data (``stages.<name>.data.kind``): builders taking a
+# megatron_phi4.data.sources.SourceRequest and returning a StageSource (see that module).
 DATA_KINDS = Registry("data.kind", {
-    "pretrain": "megatron_phi4.training.data:_PretrainSource",
-    "sft": "megatron_phi4.training.data:_SFTSource",
-    "preference": "megatron_phi4.training.data:_PreferenceSource",
-    "synthetic": "megatron_phi4.training.data:_SyntheticSource",
+    "pretrain": "megatron_phi4.data.sources:build_pretrain_source",
+    "sft": "megatron_phi4.data.sources:build_sft_source",
+    "preference": "megatron_phi4.data.sources:build_preference_source",
+    "synthetic": "megatron_phi4.data.sources:build_synthetic_source",
 })
 
 # Layer backends (``model.backend``): classes taking a ParallelContext and implementing megatron_phi4.layers.backend.LayerBackend.

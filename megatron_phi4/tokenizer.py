@@ -21,11 +21,23 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import os
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
-import tiktoken
+if TYPE_CHECKING:  # tiktoken is imported when a tokenizer is built: the ids below stay a cheap import
+    import tiktoken
 
 __all__ = [
+    "EOD_ID",
+    "PAD_ID",
+    "IM_START_ID",
+    "IM_END_ID",
+    "IM_SEP_ID",
+    "EOS_ID",
+    "BOS_ID",
+    "ENDOFPROMPT_ID",
+    "FIM_PREFIX_ID",
+    "FIM_MIDDLE_ID",
+    "FIM_SUFFIX_ID",
     "Phi4Tokenizer",
     "TokenizerFileError",
     "CL100K_SHA256",
@@ -48,17 +60,31 @@ PHI4_VOCAB_SIZE = 100352
 BPE_ENV_VAR = "PHI4_TIKTOKEN_BPE"
 CHAT_ROLES = ("system", "user", "assistant")
 
+# The special token ids, the project's one home for them (shared/reference/phi4.md). Importing
+# these loads no BPE file and no tiktoken.
+EOD_ID = 100257          # <|endoftext|>: appended after every pre-training document
+FIM_PREFIX_ID = 100258   # <|fim_prefix|>
+FIM_MIDDLE_ID = 100259   # <|fim_middle|>
+FIM_SUFFIX_ID = 100260   # <|fim_suffix|>
+IM_START_ID = 100264     # <|im_start|>
+IM_END_ID = 100265       # <|im_end|>: end of a chat turn
+IM_SEP_ID = 100266       # <|im_sep|>: between a role name and the content
+ENDOFPROMPT_ID = 100276  # <|endofprompt|>
+PAD_ID = 100349          # <|dummy_85|>: padding (never trained on)
+EOS_ID = IM_END_ID       # the release's eos_token_id: end of turn
+BOS_ID = EOD_ID          # the release's bos_token_id
+
 
 def _build_special_tokens() -> Dict[str, int]:
     named = {
-        100257: "<|endoftext|>",
-        100258: "<|fim_prefix|>",
-        100259: "<|fim_middle|>",
-        100260: "<|fim_suffix|>",
-        100264: "<|im_start|>",
-        100265: "<|im_end|>",
-        100266: "<|im_sep|>",
-        100276: "<|endofprompt|>",
+        EOD_ID: "<|endoftext|>",
+        FIM_PREFIX_ID: "<|fim_prefix|>",
+        FIM_MIDDLE_ID: "<|fim_middle|>",
+        FIM_SUFFIX_ID: "<|fim_suffix|>",
+        IM_START_ID: "<|im_start|>",
+        IM_END_ID: "<|im_end|>",
+        IM_SEP_ID: "<|im_sep|>",
+        ENDOFPROMPT_ID: "<|endofprompt|>",
     }
     out: Dict[str, int] = {}
     dummy = 0
@@ -69,6 +95,7 @@ def _build_special_tokens() -> Dict[str, int]:
             out[f"<|dummy_{dummy}|>"] = i
             dummy += 1
     assert dummy == 88 and len(out) == 96
+    assert out["<|dummy_85|>"] == PAD_ID
     return out
 
 
@@ -133,6 +160,8 @@ class Phi4Tokenizer:
         self.bpe_path = os.path.abspath(path)
         ranks = _load_ranks(self.bpe_path)
         self.bpe_sha256: str = CL100K_SHA256  # verified by _load_ranks
+        import tiktoken
+
         self._enc = tiktoken.Encoding(
             name="phi4_cl100k",
             pat_str=CL100K_PAT_STR,
@@ -161,7 +190,7 @@ class Phi4Tokenizer:
 
     # -- basics --------------------------------------------------------------------------------
     @property
-    def encoding(self) -> tiktoken.Encoding:
+    def encoding(self) -> "tiktoken.Encoding":
         """The underlying ``tiktoken.Encoding``."""
         return self._enc
 

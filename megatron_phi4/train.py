@@ -7,7 +7,9 @@ Also ``python -m megatron_phi4.train ...`` and ``torchrun --nproc-per-node N -m 
 
 String values in a recipe may use ``${SAMPLE_DATA}`` (the sample-data directory: ``$SAMPLE_DATA``
 if set, else ``runs/sample_data``) and ``${RECIPE_DIR}`` (the recipe file's directory); any other
-``${NAME}`` is read from the environment.
+``${NAME}`` is read from the environment. Whenever the recipe (or an override) uses
+``${SAMPLE_DATA}`` and that directory holds no complete sample data, it is prepared first: by
+local rank 0 of each node, while the node's other ranks wait for it.
 
 Exit status: 0 when the run finished or stopped cleanly on SIGTERM/SIGUSR1 (after a checkpoint),
 1 on a training error (every rank exits; a rank blocked on a dead peer fails after
@@ -65,6 +67,45 @@ def _configure_logging(rank: int) -> None:
     logging.basicConfig(level=level, format=f"[rank {rank}] %(levelname)s %(name)s: %(message)s", force=True)
 
 
+def _uses_variable(config: str, overrides: list[str], name: str) -> bool:
+    """Whether a string value of the recipe file or of an override contains ``${name}`` (comments
+    do not count). An unreadable recipe answers False: load_recipe reports it properly."""
+    import yaml
+
+    token = "${" + name + "}"
+    if any(token in o.split("=", 1)[-1] for o in overrides):
+        return True
+    try:
+        tree = yaml.safe_load(Path(config).read_text())
+    except (OSError, yaml.YAMLError):
+        return False
+
+    def walk(node) -> bool:
+        if isinstance(node, dict):
+            return any(walk(v) for v in node.values())
+        if isinstance(node, list):
+            return any(walk(v) for v in node)
+        return isinstance(node, str) and token in node
+
+    return walk(tree)
+
+
+def _ensure_sample_data(sample_dir: str) -> None:
+    """Prepare the bundled sample data under ``sample_dir`` unless it is complete: local rank 0
+    builds it (under its file lock, so several nodes sharing the directory build it once), the
+    node's other ranks poll for the finished manifest (no lock needed, no process group yet)."""
+    from megatron_phi4.demo.sample_data import prepare_sample_data, sample_data_ready, wait_for_sample_data
+
+    if sample_data_ready(sample_dir):
+        return
+    local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", 0)))
+    if local_rank == 0:
+        print(f"phi4-train: preparing the sample data under {sample_dir}", flush=True)
+        prepare_sample_data(sample_dir)
+    else:
+        wait_for_sample_data(sample_dir)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _tune_malloc()
@@ -72,23 +113,16 @@ def main(argv: list[str] | None = None) -> int:
 
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
-    config = args.config
-    variables = {}
-    if config is None:
-        sample_dir = os.environ.get("SAMPLE_DATA", DEFAULT_SAMPLE_DIR)
-        if rank == 0:
-            from megatron_phi4.training.sample_data import prepare_sample_data
-
-            prepare_sample_data(sample_dir)
-        config = str(DEFAULT_RECIPE)
-        variables["SAMPLE_DATA"] = sample_dir
-    variables.setdefault("SAMPLE_DATA", os.environ.get("SAMPLE_DATA", DEFAULT_SAMPLE_DIR))
-    variables["RECIPE_DIR"] = str(Path(config).resolve().parent)
+    config = args.config if args.config is not None else str(DEFAULT_RECIPE)
+    sample_dir = os.environ.get("SAMPLE_DATA", DEFAULT_SAMPLE_DIR)
+    variables = {"SAMPLE_DATA": sample_dir, "RECIPE_DIR": str(Path(config).resolve().parent)}
     _configure_logging(rank)
     try:
         recipe = load_recipe(config, args.overrides, world_size, variables=variables)
         if args.stage is not None:
             recipe.stage(args.stage)
+        if _uses_variable(config, args.overrides, "SAMPLE_DATA"):
+            _ensure_sample_data(sample_dir)  # after the recipe is known good, before anything reads data
         from megatron_phi4.training.preflight import check_run_inputs
 
         check_run_inputs(recipe, args.stage)  # every input of every stage, before any process group

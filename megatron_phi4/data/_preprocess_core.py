@@ -19,6 +19,9 @@ Rerunning after an interruption reuses every completed unit (a unit's id hashes 
 size, mtime, byte range and all options that affect the tokens), so the final output is
 byte-identical to an uninterrupted run. Bad input lines are counted per reason and reported with
 ``file:line``; a bad line is skipped as a whole (all outputs), so the outputs stay aligned.
+A run whose input lines were all skipped (typically a wrong ``--json-keys``) fails with the
+counts, the keys it required and the keys the lines had, and publishes nothing: an indexed dataset
+without documents cannot be opened by megatron-core.
 """
 from __future__ import annotations
 
@@ -56,6 +59,7 @@ ENGINE_VERSION = 1
 INPUT_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".ndjson", ".ndjson.gz")
 FAULT_ENV = "PHI4_PREPROCESS_FAULT"  # test hook, see _fault()
 MAX_REPORTED_PER_UNIT = 100
+MAX_KEYS_SEEN = 100  # distinct JSON keys counted per unit among skipped lines (for diagnostics)
 
 
 class BadRecord(Exception):
@@ -84,10 +88,14 @@ class Processor:
     :class:`BadRecord`. ``encode(items, pool)`` returns, per output, ``(flat, lengths)``: all
     items' arrays back to back and one length per item (every output has exactly one sequence
     per item). ``fingerprint()`` lists everything that changes the produced tokens.
+    ``required_keys`` / ``keys_option``: the JSON keys every record needs and the command-line
+    option that names them, for the error of a run where no line had them.
     """
 
     name = "base"
     outputs: List[Tuple[str, Any]] = []
+    required_keys: List[str] = []
+    keys_option: str = ""
 
     def fingerprint(self) -> Dict[str, Any]:
         raise NotImplementedError
@@ -308,6 +316,7 @@ def process_unit(unit: Unit, threads: Optional[int] = None) -> Dict[str, Any]:
     pool = ThreadPoolExecutor(threads) if threads > 1 else None
     reasons: Dict[str, int] = {}
     bad: List[Tuple[int, str, str]] = []
+    keys_seen: Dict[str, int] = {}  # key -> skipped JSON objects holding it
     n_lines = n_docs = n_blank = 0
     tokens = [0] * len(writers)
     items: List[Any] = []
@@ -342,6 +351,7 @@ def process_unit(unit: Unit, threads: Optional[int] = None) -> Dict[str, Any]:
             if not line.strip():
                 n_blank += 1
                 continue
+            obj = None
             try:
                 try:
                     text = line.decode("utf-8")
@@ -363,6 +373,10 @@ def process_unit(unit: Unit, threads: Optional[int] = None) -> Dict[str, Any]:
                 reasons[e.reason] = reasons.get(e.reason, 0) + 1
                 if len(bad) < MAX_REPORTED_PER_UNIT:
                     bad.append((n_lines, e.reason, e.detail[:200]))
+                if isinstance(obj, dict):
+                    for k in obj:
+                        if k in keys_seen or len(keys_seen) < MAX_KEYS_SEEN:
+                            keys_seen[str(k)] = keys_seen.get(str(k), 0) + 1
                 continue
             items.append(item)
             n_docs += 1
@@ -394,6 +408,7 @@ def process_unit(unit: Unit, threads: Optional[int] = None) -> Dict[str, Any]:
         "tokens": tokens,
         "skipped": reasons,
         "bad_lines": bad,
+        "keys_seen": keys_seen,
         "outputs": [sfx for sfx, _ in proc.outputs],
     }
     mp_ = marker_path(ctx.parts_dir, unit)
@@ -631,8 +646,14 @@ def run(
         _CTX = None
     progress.maybe_log(force=bool(pending))
 
-    # ---- merge -----------------------------------------------------------------------------
+    # ---- nothing usable: fail before anything is published --------------------------------------
     ordered = [stats[u.index] for u in units]
+    if files and sum(s["documents"] for s in ordered) == 0:
+        if not keep_parts:
+            shutil.rmtree(parts_dir, ignore_errors=True)
+        raise PreprocessError(_no_documents_message(processor, files, ordered, prefix))
+
+    # ---- merge -----------------------------------------------------------------------------
     for k, (sfx, dt) in enumerate(processor.outputs):
         parts = [part_prefix(parts_dir, u, sfx) for u in units]
         if parts:
@@ -670,6 +691,35 @@ def run(
     if not quiet:
         print_summary(result, name, out)
     return result
+
+
+def _no_documents_message(processor: Processor, files: Sequence[str],
+                          stats: Sequence[Dict[str, Any]], prefix: str) -> str:
+    """Why a run produced no document: the skip counts, and for key problems the keys required
+    (and the option naming them) against the keys the input lines actually had."""
+    lines = sum(s["lines"] - s["blank_lines"] for s in stats)
+    where = f"{len(files)} input file{'s' if len(files) != 1 else ''}"
+    head = f"no documents for {prefix}: "
+    tail = ". Nothing was written (megatron-core cannot open a dataset without documents)"
+    if lines == 0:
+        return head + f"the {where} hold no non-blank lines" + tail
+    skipped: Dict[str, int] = {}
+    keys: Dict[str, int] = {}
+    for s in stats:
+        for r, c in s["skipped"].items():
+            skipped[r] = skipped.get(r, 0) + c
+        for k, c in s.get("keys_seen", {}).items():
+            keys[k] = keys.get(k, 0) + c
+    reasons = ", ".join(f"{r}={c:,}" for r, c in sorted(skipped.items(), key=lambda x: -x[1]))
+    msg = head + f"all {lines:,} non-blank lines of the {where} were skipped ({reasons})"
+    if processor.required_keys and skipped.get("missing_key"):
+        have = "; ".join(f"{keys.get(k, 0):,} of {lines:,} lines had the key {k!r}"
+                         for k in processor.required_keys)
+        seen = sorted(keys, key=lambda k: (-keys[k], k))[:10]
+        msg += (f". {have}; {processor.keys_option} {' '.join(processor.required_keys)}; "
+                f"keys seen: {seen}" + (" ..." if len(keys) > 10 else ""))
+        return msg + tail + f". Check {processor.keys_option}."
+    return msg + tail
 
 
 def print_summary(r: RunResult, name: str, out=sys.stderr, max_lines: int = 50) -> None:

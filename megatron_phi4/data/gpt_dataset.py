@@ -28,15 +28,15 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from megatron_phi4.data.cache import cached_arrays, file_fingerprint
+from megatron_phi4.tokenizer import EOD_ID
 
 __all__ = [
-    "EOD_ID", "INDEX_FORMAT_VERSION", "select_documents", "num_epochs_for", "build_document_index",
+    "INDEX_FORMAT_VERSION", "select_documents", "num_epochs_for", "build_document_index",
     "build_sample_index", "build_shuffle_index", "build_gpt_indices", "packed_position_ids",
     "tokens_in",
     "GPTDataset", "build_pretrain_dataset",
 ]
 
-EOD_ID = 100257
 INDEX_FORMAT_VERSION = 1
 SEPARATE_FINAL_EPOCH_THRESHOLD = 0.80
 _CHUNK = 1 << 22

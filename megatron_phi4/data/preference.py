@@ -26,11 +26,11 @@ from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
-__all__ = ["PreferenceDataError", "PreferenceDataset", "validate_record", "collate_preference",
-           "write_preference_binary", "PAD_ID"]
+from megatron_phi4.tokenizer import PAD_ID, PHI4_VOCAB_SIZE as VOCAB_SIZE
 
-PAD_ID = 100349
-VOCAB_SIZE = 100352
+__all__ = ["PreferenceDataError", "PreferenceDataset", "validate_record", "collate_preference",
+           "write_preference_binary"]
+
 _KEYS = {"prompt_ids", "chosen_ids", "rejected_ids", "weight", "ref_chosen_logp",
          "ref_rejected_logp", "source"}
 

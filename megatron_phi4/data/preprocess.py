@@ -16,7 +16,8 @@ Each non-blank line must be a JSON object whose every ``--json-keys`` value is a
 string (not only whitespace). Anything else is skipped as a whole line with a reason
 (``invalid_utf8``, ``bad_json``, ``not_object``, ``missing_key``, ``not_string``,
 ``empty_document``) and reported as ``file:line``; ``--strict`` turns the first one into an error.
-Special-token strings inside the text (e.g. a literal ``<|endoftext|>``) are tokenized as plain
+A run in which every line was skipped (e.g. a wrong ``--json-keys``) exits non-zero with the
+counts and the keys the lines had, and writes no output. Special-token strings inside the text (e.g. a literal ``<|endoftext|>``) are tokenized as plain
 text; only ``--append-eod`` adds the real ``<|endoftext|>`` (100257).
 """
 from __future__ import annotations
@@ -51,6 +52,7 @@ class TextProcessor(Processor):
             raise ValueError(f"duplicate json keys: {list(json_keys)}")
         self.tokenizer = tokenizer
         self.json_keys = list(json_keys)
+        self.required_keys, self.keys_option = self.json_keys, "--json-keys"
         self.append_eod = bool(append_eod)
         self.outputs = [(f"{k}_document", np.int32) for k in self.json_keys]
         enc = tokenizer.encoding

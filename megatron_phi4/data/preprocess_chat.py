@@ -78,6 +78,7 @@ class ChatProcessor(Processor):
                  allow_empty_content: bool = False) -> None:
         self.tokenizer = tokenizer
         self.messages_key = messages_key
+        self.required_keys, self.keys_option = [messages_key], "--messages-key"
         self.allow_empty_content = allow_empty_content
         self.outputs = [("tokens", np.int32), ("loss_mask", np.uint8)]
 

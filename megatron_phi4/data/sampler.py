@@ -14,10 +14,9 @@ from typing import Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["PretrainSampler", "make_collate", "collate_lm", "build_dataloader", "PAD_ID", "EOD_ID"]
+from megatron_phi4.tokenizer import EOD_ID, PAD_ID
 
-PAD_ID = 100349  # <|dummy_85|>
-EOD_ID = 100257  # <|endoftext|>
+__all__ = ["PretrainSampler", "step_indices", "make_collate", "collate_lm", "build_dataloader"]
 
 
 class PretrainSampler:
@@ -74,6 +73,22 @@ class PretrainSampler:
 
     def state_dict(self) -> Dict[str, int]:
         return {"consumed_samples": self.consumed_samples, "total_samples": self.total_samples}
+
+
+def step_indices(consumed_samples: int, global_batch_size: int, micro_batch_size: int,
+                 dp_rank: int, dp_size: int) -> List[List[int]]:
+    """This DP rank's micro-batches (lists of global sample indices) of the optimizer step that
+    starts at ``consumed_samples`` and takes ``global_batch_size`` samples: the
+    :class:`PretrainSampler` rule over exactly that step. The global batch must split into whole
+    micro-steps of ``micro_batch_size * dp_size`` (a ``ValueError`` otherwise: a silently smaller
+    batch would change the run)."""
+    per_step = int(micro_batch_size) * int(dp_size)
+    if global_batch_size % per_step:
+        raise ValueError(f"global batch size {global_batch_size} is not divisible by "
+                         f"micro_batch_size * dp = {micro_batch_size} * {dp_size}")
+    start = int(consumed_samples)
+    return list(PretrainSampler(start + int(global_batch_size), start, micro_batch_size,
+                                dp_rank, dp_size))
 
 
 def _stack(items, key):

@@ -7,7 +7,7 @@ the window is full, the oldest bin is closed; this bounds the cost at O(window) 
 and with a few hundred open bins packing efficiency is within a fraction of a percent of
 unbounded first-fit). A conversation longer than the row is truncated to ``seq_length + 1``
 tokens and fills a row alone (counted in ``num_truncated``). Rows are padded with ``pad_id``
-(100349) whose loss mask is 0.
+(:data:`~megatron_phi4.tokenizer.PAD_ID`) whose loss mask is 0.
 
 ``ds[i]`` -> ``tokens`` int64 [S+1], ``loss_mask`` int64 [S] (the conversation mask shifted by one:
 ``loss_mask[t]`` says whether label ``tokens[t+1]`` is trained), ``position_ids`` int64 [S]
@@ -24,10 +24,10 @@ from typing import List, Optional, Sequence, Union
 import numpy as np
 
 from megatron_phi4.data.cache import cached_arrays, file_fingerprint
+from megatron_phi4.tokenizer import PAD_ID
 
-__all__ = ["SFTDataset", "pack_first_fit", "PAD_ID"]
+__all__ = ["SFTDataset", "pack_first_fit"]
 
-PAD_ID = 100349
 SFT_FORMAT_VERSION = 1
 
 

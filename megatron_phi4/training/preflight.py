@@ -57,4 +57,4 @@ def _data_problems(stage) -> list[str]:
         from megatron_phi4.data.preflight import check_stage_data
     except ImportError:  # pragma: no cover - the data package always has it
         return []
-    return check_stage_data(stage, f"stages.{stage.name}.data")
+    return check_stage_data(stage, f"stages.{stage.name}")

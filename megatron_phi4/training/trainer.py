@@ -113,14 +113,14 @@ class Trainer:
         return stage.data.cache_dir or str(self.run_dir / "data_cache")
 
     def build_stage_data(self, stage, num_steps: int):
-        from megatron_phi4.training.data import build_stage_data
+        from megatron_phi4.data.stage import build_stage_data
 
         return build_stage_data(stage, dp_rank=self.dims.dp_rank, dp_size=self.dims.dp, consumed_samples=0,
                                 num_steps=num_steps, vocab_size=self.recipe.model.vocab_size,
                                 cache_dir=self.data_cache_dir(stage))
 
     def build_validation_data(self, stage):
-        from megatron_phi4.training.data import build_validation_data
+        from megatron_phi4.data.stage import build_validation_data
 
         return build_validation_data(stage, dp_rank=self.dims.dp_rank, dp_size=self.dims.dp,
                                      vocab_size=self.recipe.model.vocab_size, cache_dir=self.data_cache_dir(stage))

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from megatron_phi4.data.gpt_dataset import (
-    EOD_ID, GPTDataset, build_document_index, build_gpt_indices, build_pretrain_dataset,
+    GPTDataset, build_document_index, build_gpt_indices, build_pretrain_dataset,
     build_sample_index, packed_position_ids, select_documents, tokens_in)
+from megatron_phi4.tokenizer import EOD_ID
 
 from .conftest import make_docs, write_docs
 

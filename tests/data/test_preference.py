@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from megatron_phi4.data.preference import (
-    PAD_ID, PreferenceDataError, PreferenceDataset, collate_preference, write_preference_binary)
+    PreferenceDataError, PreferenceDataset, collate_preference, write_preference_binary)
 from megatron_phi4.losses import DPOLoss
+from megatron_phi4.tokenizer import PAD_ID
 
 
 def _jsonl(path, recs):

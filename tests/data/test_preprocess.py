@@ -319,3 +319,37 @@ def test_truncated_gz_fails_clearly(tmp_path, tok):
     with pytest.raises(core.PreprocessError, match=r"t\.jsonl\.gz.*(corrupt|truncated)"):
         preprocess([str(tmp_path / "t.jsonl.gz")], str(tmp_path / "o"), tokenizer=tok, quiet=True)
     assert not os.path.exists(str(tmp_path / "o_text_document.bin"))
+
+
+@pytest.mark.parametrize("workers,chunk_mb", [(1, "64"), (2, "0.01")])
+def test_every_line_skipped_fails_and_publishes_nothing(tmp_path, tok, capsys, workers, chunk_mb):
+    """A wrong --json-keys skips every line: exit non-zero with the counts, the key asked for and
+    the keys the lines had; no dataset (megatron-core cannot open an empty one), no parts left."""
+    with open(tmp_path / "in.jsonl", "w") as f:
+        for i, t in enumerate(_texts(1000, seed=9)):
+            f.write(json.dumps({"content": t, "meta": i}) + "\n")
+    out = str(tmp_path / "o")
+    with pytest.raises(SystemExit) as ei:
+        main(["--input", str(tmp_path / "in.jsonl"), "--output-prefix", out, "--json-keys", "text",
+              "--workers", str(workers), "--chunk-mb", chunk_mb, "--quiet"])
+    assert ei.value.code == 1
+    err = capsys.readouterr().err
+    assert "all 1,000 non-blank lines of the 1 input file were skipped (missing_key=1,000)" in err
+    assert "0 of 1,000 lines had the key 'text'; --json-keys text; keys seen: ['content', 'meta']" \
+        in err
+    assert sorted(os.listdir(tmp_path)) == ["in.jsonl"]  # no .bin/.idx, no .parts
+
+
+def test_no_usable_line_is_an_error_for_the_library_too(tmp_path, tok):
+    (tmp_path / "blank.jsonl").write_text("\n  \n\n")
+    with pytest.raises(core.PreprocessError, match="hold no non-blank lines"):
+        preprocess([str(tmp_path / "blank.jsonl")], str(tmp_path / "o"), tokenizer=tok, quiet=True)
+    (tmp_path / "empty_docs.jsonl").write_text('{"text": ""}\n{"text": " "}\n')
+    with pytest.raises(core.PreprocessError, match=r"skipped \(empty_document=2\)"):
+        preprocess([str(tmp_path / "empty_docs.jsonl")], str(tmp_path / "o"), tokenizer=tok,
+                   quiet=True)
+    assert not os.path.exists(str(tmp_path / "o_text_document.idx"))
+    # one good line is enough: the run succeeds and reports the rest as skipped
+    (tmp_path / "one.jsonl").write_text('{"text": ""}\n{"text": "hello"}\n')
+    r = preprocess([str(tmp_path / "one.jsonl")], str(tmp_path / "o"), tokenizer=tok, quiet=True)
+    assert r.documents == 1 and r.skipped == {"empty_document": 1}

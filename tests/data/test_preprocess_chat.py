@@ -148,3 +148,15 @@ def test_allow_empty_content_and_resume(tmp_path, tok, monkeypatch):
     for sfx in ("_tokens", "_loss_mask"):
         for ext in (".bin", ".idx"):
             assert open(out + sfx + ext, "rb").read() == open(ref + sfx + ext, "rb").read()
+
+
+def test_wrong_messages_key_fails_with_the_keys_seen(tmp_path, capsys):
+    _write(tmp_path / "c.jsonl", [{"conversation": _conv(i)} for i in range(20)])
+    with pytest.raises(SystemExit) as ei:
+        main(["--input", str(tmp_path / "c.jsonl"), "--output-prefix", str(tmp_path / "o"),
+              "--quiet"])
+    assert ei.value.code == 1
+    err = capsys.readouterr().err
+    assert "0 of 20 lines had the key 'messages'; --messages-key messages; keys seen: " \
+           "['conversation']" in err
+    assert sorted(os.listdir(tmp_path)) == ["c.jsonl"]

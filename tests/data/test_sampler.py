@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_phi4.data.sampler import PAD_ID, PretrainSampler, collate_lm, make_collate
+from megatron_phi4.data.sampler import PretrainSampler, collate_lm, make_collate
+from megatron_phi4.tokenizer import PAD_ID
 
 EOD = 100257
 

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from megatron_phi4.data.indexed import IndexedDatasetError, IndexedDatasetWriter
-from megatron_phi4.data.sft_dataset import PAD_ID, SFTDataset, pack_first_fit
+from megatron_phi4.data.sft_dataset import SFTDataset, pack_first_fit
+from megatron_phi4.tokenizer import PAD_ID
 
 
 def write_chat(prefix, convs):

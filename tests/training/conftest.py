@@ -4,7 +4,7 @@ import pytest
 
 @pytest.fixture(scope="session")
 def sample_data(tmp_path_factory):
-    """Paths dict of :func:`megatron_phi4.training.sample_data.prepare_sample_data` (mixture
+    """Paths dict of :func:`megatron_phi4.demo.sample_data.prepare_sample_data` (mixture
     YAMLs, SFT prefixes, preference JSONL files, manifest) under a session temp dir."""
-    from megatron_phi4.training.sample_data import prepare_sample_data
+    from megatron_phi4.demo.sample_data import prepare_sample_data
     return prepare_sample_data(str(tmp_path_factory.mktemp("sample_data") / "data"))

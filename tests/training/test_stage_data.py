@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from megatron_phi4.config import DataConfig, LossConfig, StageConfig
-from megatron_phi4.training.data import (
+from megatron_phi4.data.stage import (
     build_stage_data,
     build_validation_data,
     global_batch_size_at,
@@ -247,7 +247,7 @@ def test_validation_data_is_deterministic_and_dp_split(sample_data, tmp_path):
 def test_sample_data(sample_data):
     from megatron_phi4.data.indexed import IndexedDataset
     from megatron_phi4.data.mixture import MixtureSpec
-    from megatron_phi4.training.sample_data import (
+    from megatron_phi4.demo.sample_data import (
         LONG_DOCUMENT_TOKENS,
         prepare_sample_data,
         unigram_entropy,

@@ -135,7 +135,7 @@ def _stage_batch_loss(recipe_path, stage_name, weights_ckpt, theta):
     from megatron_phi4.engine import ParallelEngine
     from megatron_phi4.checkpoint.manager import load_model_weights_into
     from megatron_phi4.losses import LMLoss
-    from megatron_phi4.training.data import build_stage_data
+    from megatron_phi4.data.stage import build_stage_data
 
     recipe = load_recipe(recipe_path)
     stage = recipe.stage(stage_name)

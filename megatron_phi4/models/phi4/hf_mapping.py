@@ -30,11 +30,10 @@ from typing import Any, Iterable, Mapping
 import torch
 
 from megatron_phi4.config import ModelConfig
-
-# The Phi-4 release's special token ids (see shared/reference/phi4.md).
-PHI4_BOS_TOKEN_ID = 100257  # <|endoftext|>
-PHI4_EOS_TOKEN_ID = 100265  # <|im_end|>
-PHI4_PAD_TOKEN_ID = 100349  # <|dummy_85|>
+# The Phi-4 release's special token ids (see shared/reference/phi4.md), from their one home.
+from megatron_phi4.tokenizer import BOS_ID as PHI4_BOS_TOKEN_ID  # <|endoftext|>
+from megatron_phi4.tokenizer import EOS_ID as PHI4_EOS_TOKEN_ID  # <|im_end|>
+from megatron_phi4.tokenizer import PAD_ID as PHI4_PAD_TOKEN_ID  # <|dummy_85|>
 
 # Buffers some HF checkpoints carry that are recomputed, never loaded.
 IGNORED_HF_SUFFIXES = ("rotary_emb.inv_freq",)

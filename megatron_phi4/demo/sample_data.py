@@ -42,7 +42,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Union
 
 import numpy as np
 
-__all__ = ["prepare_sample_data", "unigram_entropy", "SAMPLE_DATA_VERSION", "LONG_DOCUMENT_TOKENS",
+__all__ = ["prepare_sample_data", "sample_data_ready", "wait_for_sample_data", "unigram_entropy", "SAMPLE_DATA_VERSION", "LONG_DOCUMENT_TOKENS",
            "SYSTEM_PROMPT"]
 
 SAMPLE_DATA_VERSION = 1
@@ -269,6 +269,29 @@ def _complete(root: str) -> bool:
         return False
 
 
+def sample_data_ready(out_dir: str) -> bool:
+    """Whether ``out_dir`` holds complete sample data of this version (its manifest is written
+    last, and the directory appears by an atomic rename, so a present manifest means complete)."""
+    return _complete(os.path.abspath(str(out_dir)))
+
+
+def wait_for_sample_data(out_dir: str, timeout_s: float = 1800.0, poll_s: float = 0.5
+                         ) -> Dict[str, str]:
+    """Block until another process has finished :func:`prepare_sample_data` for ``out_dir``;
+    returns its paths. For the ranks that do not prepare it themselves (the entry point lets one
+    process per node build and the others wait here); polling needs no lock, so it works where
+    ``flock`` is not honoured. Raises ``TimeoutError`` after ``timeout_s``."""
+    import time
+    root = os.path.abspath(str(out_dir))
+    deadline = time.monotonic() + timeout_s
+    while not _complete(root):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"sample data {root}: not complete after {timeout_s:.0f} s; the "
+                               "process preparing it (local rank 0) may have failed")
+        time.sleep(poll_s)
+    return _paths(root)
+
+
 def prepare_sample_data(out_dir: str, tokenizer=None) -> Dict[str, str]:
     """Build (or reuse) the sample data under ``out_dir``; returns the paths (see module doc):
     ``root, manifest, pretrain_mixture, pretrain_validation, midtrain_mixture,
@@ -286,6 +309,8 @@ def prepare_sample_data(out_dir: str, tokenizer=None) -> Dict[str, str]:
         tmp = f"{root}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
             _build(tmp, tokenizer)
+            if _complete(root):
+                return paths  # built meanwhile by a process the lock did not exclude (e.g. NFS)
             if os.path.exists(root):
                 shutil.rmtree(root)  # an incomplete leftover (no valid manifest)
             os.rename(tmp, root)
