@@ -21,7 +21,7 @@ setup(
         "megatron-core",
     ],
     extras_require={
-        "test": ["pytest", "transformers", "safetensors"],
+        "test": ["pytest", "transformers", "safetensors", "trl==1.16.*"],  # trl: the DPO loss reference
         "gpu": ["transformer-engine[pytorch]"],
     },
     entry_points={

@@ -257,15 +257,32 @@ class OptimizerConfig:
 
 @dataclass
 class LossConfig:
+    """The stage's loss. DPO objectives use TRL's names (megatron_phi4/losses/dpo_objectives.py,
+    docs/posttraining.md); the rules below mirror that module's ``check_dpo_options`` (config
+    imports nothing from the loss layer; tests/test_dpo_losses.py checks the two agree)."""
+
     type: str = "lm"  # lm (masked next-token CE) | dpo
     dpo_beta: float = 0.1
-    dpo_variant: str = "sigmoid"  # more variants arrive with Pivotal Token Search
-    dpo_label_smoothing: float = 0.0
+    dpo_loss_type: str = "sigmoid"  # TRL's DPOConfig.loss_type names, plus cdpo (smoothed sigmoid)
+    dpo_label_smoothing: float = 0.0  # robust, exo_pair (needs > 0), aot, aot_unpaired, cdpo only
+    dpo_discopop_tau: float = 0.05  # discopop's temperature (TRL's default)
+
+    DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "sppo_hard", "aot",
+                      "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm", "cdpo")
+    DPO_LABEL_SMOOTHING_TYPES = ("robust", "exo_pair", "aot", "aot_unpaired", "cdpo")
 
     def validate(self, prefix: str = "loss") -> None:
         _registered(self.type, f"{prefix}.type", registry.LOSSES)
         _require(self.dpo_beta > 0, f"{prefix}.dpo_beta", "must be positive")
+        _choice(self.dpo_loss_type, f"{prefix}.dpo_loss_type", self.DPO_LOSS_TYPES)
         _require(0 <= self.dpo_label_smoothing < 0.5, f"{prefix}.dpo_label_smoothing", "must be in [0, 0.5)")
+        _require(self.dpo_label_smoothing == 0 or self.dpo_loss_type in self.DPO_LABEL_SMOOTHING_TYPES,
+                 f"{prefix}.dpo_label_smoothing",
+                 f"dpo_loss_type {self.dpo_loss_type!r} does not use label smoothing (only "
+                 f"{', '.join(self.DPO_LABEL_SMOOTHING_TYPES)} do; 'cdpo' is sigmoid with conservative smoothing)")
+        _require(self.dpo_loss_type != "exo_pair" or self.dpo_label_smoothing > 0,
+                 f"{prefix}.dpo_label_smoothing", "dpo_loss_type 'exo_pair' needs label smoothing > 0 (e.g. 1e-3)")
+        _require(self.dpo_discopop_tau > 0, f"{prefix}.dpo_discopop_tau", "must be positive")
 
 
 # --------------------------------------------------------------------------- callbacks

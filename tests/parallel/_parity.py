@@ -5,6 +5,7 @@ import torch
 
 from megatron_phi4.config import ParallelConfig, model_preset
 from megatron_phi4.losses import DPOLoss, LMLoss
+from megatron_phi4.losses.dpo_objectives import BATCH_SORTED_TYPES, LABEL_SMOOTHING_TYPES
 
 SEQ = 16
 LR = 1e-3
@@ -33,7 +34,7 @@ def make_lm_microbatches(n: int, mb_size: int = 1, seq: int = SEQ, seed: int = 0
     return out
 
 
-def make_dpo_microbatches(n: int, pairs: int = 1, seq: int = SEQ, seed: int = 0):
+def make_dpo_microbatches(n: int, pairs: int = 1, seq: int = SEQ, seed: int = 0, unit_weights: bool = False):
     cfg = tiny_cfg()
     g = torch.Generator().manual_seed(seed)
     out = []
@@ -45,18 +46,32 @@ def make_dpo_microbatches(n: int, pairs: int = 1, seq: int = SEQ, seed: int = 0)
             "input_ids": ids[:, :-1].contiguous(), "labels": ids[:, 1:].contiguous(), "loss_mask": mask,
             "ref_chosen_logp": -torch.rand(pairs, generator=g) * 50 - 60,
             "ref_rejected_logp": -torch.rand(pairs, generator=g) * 50 - 60,
-            "weight": torch.rand(pairs, generator=g) + 0.5,
+            "weight": torch.ones(pairs) if unit_weights else torch.rand(pairs, generator=g) + 0.5,
         })
     return out
 
 
+def dpo_loss_type(kind: str) -> str | None:
+    """``"dpo"`` -> sigmoid, ``"dpo:<type>"`` -> that DPO loss type; None for LM kinds."""
+    if not kind.startswith("dpo"):
+        return None
+    return kind.partition(":")[2] or "sigmoid"
+
+
 def make_loss(kind: str):
-    return DPOLoss(beta=0.1) if kind == "dpo" else LMLoss()
+    loss_type = dpo_loss_type(kind)
+    if loss_type is None:
+        return LMLoss()
+    return DPOLoss(beta=0.1, loss_type=loss_type, label_smoothing=0.1 if loss_type in LABEL_SMOOTHING_TYPES else 0.0)
 
 
 def make_steps(kind: str, steps: int, n_global_mb: int, packed: bool = False):
-    if kind == "dpo":
-        return [make_dpo_microbatches(n_global_mb, seed=100 + s) for s in range(steps)]
+    loss_type = dpo_loss_type(kind)
+    if loss_type is not None:
+        # "dpo:<type>" kinds put 2 pairs in a micro-batch (so aot's sort has something to sort)
+        pairs = 1 if kind == "dpo" else 2
+        return [make_dpo_microbatches(n_global_mb, pairs=pairs, seed=100 + s,
+                                      unit_weights=loss_type in BATCH_SORTED_TYPES) for s in range(steps)]
     return [make_lm_microbatches(n_global_mb, seed=100 + s, packed=packed) for s in range(steps)]
 
 

@@ -4,7 +4,8 @@ AdamW steps with clipping), on CPU/gloo/fp32, for representative TP x PP x DP la
 Every run uses gradient accumulation of 4 micro-batches per DP rank, uneven loss masks (so the
 token weighting across micro-batches and DP ranks matters) and clipping that is active.
 The matrix covers TP {1,2} x PP {1,2} (1F1B, interleaved, GPipe) x DP {1,2}, sequence parallelism
-on/off, recompute none/selective/full, packed documents, FSDP and replicated DP, LM and DPO,
+on/off, recompute none/selective/full, packed documents, FSDP and replicated DP, LM and DPO (sigmoid, and
+aot / ipo / aot_unpaired with two pairs per micro-batch),
 without the full cross product.
 """
 import pytest
@@ -29,6 +30,10 @@ LAYOUTS = [
      False),
     ("pp2-dp2-dpo", 4, dict(pp=2, pp_schedule="1f1b"), "dpo", False),
     ("tp2-pp2-gpipe-dpo-sp", 4, dict(tp=2, pp=2, pp_schedule="gpipe", sequence_parallel=True), "dpo", False),
+    # DPO loss types beyond sigmoid (2 pairs per micro-batch; aot sorts within the micro-batch)
+    ("tp2-dpo-aot", 2, dict(tp=2), "dpo:aot", False),
+    ("pp2-dpo-ipo", 2, dict(pp=2, pp_schedule="1f1b"), "dpo:ipo", False),
+    ("dp2-dpo-aot_unpaired", 2, dict(), "dpo:aot_unpaired", False),
     ("tp2-pp2-dp2-interleaved-sp-selective", 8,
      dict(tp=2, pp=2, pp_schedule="interleaved_1f1b", virtual_stages=2, sequence_parallel=True,
           recompute="selective"), "lm", False),
