@@ -266,6 +266,10 @@ class LossConfig:
     dpo_loss_type: str = "sigmoid"  # TRL's DPOConfig.loss_type names, plus cdpo (smoothed sigmoid)
     dpo_label_smoothing: float = 0.0  # robust, exo_pair (needs > 0), aot, aot_unpaired, cdpo only
     dpo_discopop_tau: float = 0.05  # discopop's temperature (TRL's default)
+    # Where the reference log-probs come from: "model" (a frozen copy of the stage's initial weights
+    # runs beside the policy) or "precomputed" (tools/precompute_ref_logprobs.py wrote them beside the
+    # preference data; checked against the stage's initial checkpoint by its fingerprint).
+    dpo_reference: str = "model"
 
     DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "sppo_hard", "aot",
                       "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm", "cdpo")
@@ -283,6 +287,7 @@ class LossConfig:
         _require(self.dpo_loss_type != "exo_pair" or self.dpo_label_smoothing > 0,
                  f"{prefix}.dpo_label_smoothing", "dpo_loss_type 'exo_pair' needs label smoothing > 0 (e.g. 1e-3)")
         _require(self.dpo_discopop_tau > 0, f"{prefix}.dpo_discopop_tau", "must be positive")
+        _choice(self.dpo_reference, f"{prefix}.dpo_reference", ("model", "precomputed"))
 
 
 # --------------------------------------------------------------------------- callbacks
@@ -337,6 +342,8 @@ class StageConfig:
         if self.loss.type == "dpo":
             _require(self.data.kind in ("preference", "synthetic"), f"{prefix}.data.kind",
                      f"a DPO loss needs preference data, got {self.data.kind!r}")
+            _require(self.loss.dpo_reference == "model" or self.data.kind == "preference",
+                     f"{prefix}.loss.dpo_reference", "'precomputed' needs preference data files (their sidecars)")
 
     def num_steps(self) -> int:
         if self.train_steps is not None:

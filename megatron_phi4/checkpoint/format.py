@@ -300,6 +300,18 @@ def _model_dir(ckpt_dir: str | os.PathLike) -> Path:
     return model_dir
 
 
+def checkpoint_fingerprint(ckpt_dir: str | os.PathLike) -> str:
+    """A short hash identifying a checkpoint's weights: its model config and its ``model/`` DCP
+    metadata (tensor names, shapes, dtypes and where each chunk lives). Two saves of the same
+    weights may differ; a different checkpoint always does. Reads two small files."""
+    import hashlib
+
+    ckpt_dir = resolve_checkpoint(ckpt_dir)
+    h = hashlib.sha256(json.dumps(read_meta(ckpt_dir)["model"], sort_keys=True).encode())
+    h.update((_model_dir(ckpt_dir) / ".metadata").read_bytes())
+    return h.hexdigest()[:24]
+
+
 def checkpoint_tensor_meta(ckpt_dir: str | os.PathLike) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """{name: (global shape, stored dtype)} of every tensor in ``ckpt_dir/model`` (reads metadata only)."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
