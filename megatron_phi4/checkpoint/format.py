@@ -155,12 +155,16 @@ def read_meta(ckpt_dir: str | os.PathLike) -> dict:
 
 
 def model_config_from_meta(meta: dict):
-    """The ModelConfig stored in a checkpoint's meta (validated; unknown fields are an error)."""
+    """The ModelConfig stored in a checkpoint's meta (validated; unknown fields are an error).
+
+    Its ``backend`` / ``fp8`` say how the model was trained; they are not required to be usable on
+    this machine (checkpoint names are the same for every backend: a checkpoint trained with
+    Transformer Engine on GPUs loads into the local backend anywhere, see ``api.load_model``)."""
     from megatron_phi4.config import ConfigError, ModelConfig, from_dict
 
     try:
         cfg = from_dict(ModelConfig, meta["model"], "model")
-        cfg.validate("model")
+        cfg.validate("model", check_available=False)
     except ConfigError as e:
         raise CheckpointError(f"meta.json: invalid model config: {e}") from None
     return cfg
