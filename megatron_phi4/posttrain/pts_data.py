@@ -1,30 +1,35 @@
-"""Files of the Pivotal Token Search tool: the questions it reads, the token codec, the journal that
-makes it resumable, and the exported records and DPO pairs.
+"""Files of the Pivotal Token Search tool: the questions it reads, the token codec (with the hook for
+a trimmed vocabulary), the journal that makes it resumable, and the records and DPO pairs it exports.
 
 Questions (JSONL, one object per line)::
 
     {"id": "gsm8k-17",                       # optional, unique (default: "line-N")
-     "prompt_ids": [100264, 882, ...],       # the query as token ids of the model, generation prompt
-                                             # included ...
-     "messages": [{"role": "user", "content": "..."}],   # ... or as chat messages (exactly one of
-                                             # the two); encoded with the generation prompt
-     "reference": "42"}                      # what the oracle checks a response against (an answer,
-                                             # a choice letter, test code)
+     "prompt_ids": [100264, 882, ...],       # the query as the model's token ids, generation
+                                             # header included ...
+     "messages": [{"role": "user", "content": "..."}],  # ... or chat messages (ending with the
+     "prompt": "...", "system": "...",       # user turn), or prompt / question text with an optional
+                                             # system text: encoded with the generation header
+     "reference": "42",                      # what the oracle checks a response against (an answer,
+                                             # a choice letter, test code): a string
+     "meta": {...}}                          # optional, ignored (your bookkeeping)
 
-Token ids are the model's throughout: for a trimmed-vocabulary model the question's ``prompt_ids``
-and every id written are trimmed ids; the codec maps them to text only for the oracle.
+Token ids are the model's throughout. For a model trained on a trimmed vocabulary, ``prompt_ids``
+and every id the tool writes are trimmed ids; the id map translates only where text is involved
+(chat messages in, responses out to the oracle). Nothing is decoded and re-encoded on the way to
+a pair, so token boundaries never drift.
 
 Output directory::
 
     run.json                   the settings of the run (a resumed run must use the same ones)
-    journal.rank<R>.jsonl      one line per finished question, appended by data-parallel rank R: the
-                               commit point (a killed run loses at most the question in flight)
-    pivotal_tokens.jsonl       one record per pivotal token            } exported from the journals,
-    pairs.jsonl                one DPO pair per verified pivotal token  } rewritten atomically,
-    summary.json               counts, rollouts spent per pivotal token } in question order
+    journal.rank<R>.jsonl      one line per finished question, appended and fsynced by data-parallel
+                               rank R: the commit point (a killed run loses at most the question in
+                               flight; a torn last line is dropped on restart)
+    pivotal_tokens.jsonl       one record per pivotal token            } rebuilt from the journals
+    pairs.jsonl                one DPO pair per verified pivotal token  } (atomically, question
+    summary.json               counts, rollouts spent per pivotal token } order) after every run
 
-``pairs.jsonl`` holds exactly the preference schema of :mod:`megatron_phi4.data.preference`
-(``prompt_ids``, ``chosen_ids``, ``rejected_ids``, ``source``): the DPO stage reads it as is.
+``pairs.jsonl`` holds exactly the schema of :mod:`megatron_phi4.data.preference` (``prompt_ids``,
+``chosen_ids``, ``rejected_ids``, ``source``): the DPO stage reads it as it is.
 """
 from __future__ import annotations
 
@@ -32,29 +37,119 @@ import contextlib
 import importlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Protocol, Sequence
 
-from megatron_phi4.fileio import fsync_dir
+from megatron_phi4.posttrain.records import (
+    AtomicJsonlWriter, RecordError, iter_jsonl, prompt_messages, token_ids, write_json_atomic,
+)
+from megatron_phi4.tokenizer import EOD_ID, IM_END_ID
 
-__all__ = ["PTSDataError", "Question", "read_questions", "Phi4Codec", "IdMapCodec", "load_codec",
-           "Journal", "export_results", "check_run_settings", "PAIR_SOURCE"]
+__all__ = ["PTSDataError", "IdMap", "JsonIdMap", "load_id_map", "TokenCodec", "Question", "read_questions",
+           "Journal", "pair_record", "export_results", "check_run_settings", "PAIR_SOURCE", "import_attr"]
 
 PAIR_SOURCE = "pts"
-_QUESTION_KEYS = ("id", "prompt_ids", "messages", "reference")
+_QUESTION_KEYS = ("id", "prompt_ids", "messages", "prompt", "question", "system", "reference", "meta")
+_UNMAPPED = "\ufffd"  # the text of a model id that stands for no Phi-4 token (no oracle accepts it)
 
 
 class PTSDataError(ValueError):
-    """Invalid questions, codec, or output directory; the message names the file, line and field."""
+    """Invalid questions, id map, settings or output directory; names the file, line and field."""
 
 
-# --------------------------------------------------------------------------------------- codecs
-class Phi4Codec:
-    """Token ids <-> text with the Phi-4 tokenizer (the full 100352-token vocabulary)."""
+def import_attr(spec: str, what: str):
+    """``package.module:attribute`` (dots allowed after the colon, e.g. ``mod:Class.factory``)."""
+    module, _, attr = spec.partition(":")
+    if not module or not attr:
+        raise PTSDataError(f"{what}: {spec!r} is not of the form 'package.module:attribute'")
+    try:
+        obj = importlib.import_module(module)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as e:
+        raise PTSDataError(f"{what}: cannot import {spec!r} ({e})") from None
+    return obj
 
-    def __init__(self, tokenizer=None):
+
+# ------------------------------------------------------------------------------------- id maps
+class IdMap(Protocol):
+    """The hook for a model trained on a trimmed vocabulary: model ids <-> Phi-4 ids. Both methods
+    raise ValueError naming the first id without a counterpart. ``TrimmedVocab``
+    (``megatron_phi4.demo.trimmed_vocab``) is one."""
+
+    def to_phi4(self, model_ids: Sequence[int]) -> list[int]: ...
+
+    def to_trimmed(self, phi4_ids: Sequence[int]) -> list[int]: ...
+
+
+class JsonIdMap:
+    """The id map of a JSON file: a list of Phi-4 ids (model id ``i`` stands for ``phi4_ids[i]``) or an
+    object with a ``phi4_ids`` list -- which is what a trimmed-vocabulary ``vocab.json`` holds, so the
+    tool reads one without importing the code that wrote it."""
+
+    def __init__(self, phi4_ids: Sequence[int], source: str = "<memory>"):
+        self.phi4_ids = [int(i) for i in phi4_ids]
+        self.source = source
+        self._to_model = {p: i for i, p in enumerate(self.phi4_ids)}
+        if len(self._to_model) != len(self.phi4_ids):
+            raise PTSDataError(f"--id-map {source}: phi4_ids has duplicates")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "JsonIdMap":
+        path = str(path)
+        if os.path.isdir(path):
+            path = os.path.join(path, "vocab.json")
+        try:
+            with open(path, encoding="utf-8") as f:
+                d = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise PTSDataError(f"--id-map {path}: cannot read a JSON id map ({e})") from None
+        ids = d.get("phi4_ids") if isinstance(d, dict) else d
+        if not isinstance(ids, list) or not ids or not all(
+                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+            raise PTSDataError(f"--id-map {path}: phi4_ids: expected a non-empty list of Phi-4 token ids "
+                               f"(a JSON list, or an object with a 'phi4_ids' list)")
+        return cls(ids, source=path)
+
+    def to_phi4(self, model_ids: Sequence[int]) -> list[int]:
+        out = []
+        for k, i in enumerate(model_ids):
+            if not 0 <= i < len(self.phi4_ids):
+                raise ValueError(f"model token id {i} (position {k}) stands for no Phi-4 token in {self.source}")
+            out.append(self.phi4_ids[i])
+        return out
+
+    def to_trimmed(self, phi4_ids: Sequence[int]) -> list[int]:
+        out = []
+        for k, p in enumerate(phi4_ids):
+            if p not in self._to_model:
+                raise ValueError(f"Phi-4 token id {p} (position {k}) is not in the id map {self.source}")
+            out.append(self._to_model[p])
+        return out
+
+
+def load_id_map(spec: str | None):
+    """``--id-map``: None; a JSON file or a directory holding ``vocab.json`` (:class:`JsonIdMap`); or
+    ``module:attribute`` naming an :class:`IdMap` or a factory that takes no arguments."""
+    if spec is None:
+        return None
+    if os.path.exists(spec) or ":" not in spec:
+        return JsonIdMap.load(spec)
+    obj = import_attr(spec, "--id-map")
+    if not hasattr(obj, "to_phi4") and callable(obj):
+        obj = obj()
+    if not (hasattr(obj, "to_phi4") and hasattr(obj, "to_trimmed")):
+        raise PTSDataError(f"--id-map {spec}: needs to_phi4(model_ids) and to_trimmed(phi4_ids)")
+    return obj
+
+
+class TokenCodec:
+    """Model token ids <-> text, for the only two places text appears: chat messages in, responses
+    out to the oracle. ``id_map``: None (the model speaks Phi-4 ids) or an :class:`IdMap`."""
+
+    def __init__(self, id_map: IdMap | None = None, tokenizer=None):
+        self.id_map = id_map
         self._tok = tokenizer
 
     @property
@@ -64,102 +159,42 @@ class Phi4Codec:
             self._tok = get_tokenizer()
         return self._tok
 
+    def to_model(self, phi4_ids: Sequence[int]) -> list[int]:
+        return list(phi4_ids) if self.id_map is None else list(self.id_map.to_trimmed(list(phi4_ids)))
+
     @property
     def stop_token_ids(self) -> list[int]:
-        return [100265, 100257]  # <|im_end|>, <|endoftext|>
-
-    def encode_chat(self, messages) -> list[int]:
-        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(ids))
-
-
-class IdMapCodec:
-    """A trimmed vocabulary: model id ``i`` stands for Phi-4 id ``phi4_ids[i]``; ids beyond the map
-    (padding rows a model can still emit) decode to U+FFFD, which no oracle accepts."""
-
-    def __init__(self, phi4_ids: Sequence[int], base: Phi4Codec | None = None, source: str = "<memory>"):
-        self.phi4_ids = [int(i) for i in phi4_ids]
-        self._to_model = {p: i for i, p in enumerate(self.phi4_ids)}
-        if len(self._to_model) != len(self.phi4_ids):
-            raise PTSDataError(f"{source}: phi4_ids has duplicates")
-        self.base = base or Phi4Codec()
-        self.source = source
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "IdMapCodec":
-        """A JSON list of Phi-4 ids, or an object with a ``phi4_ids`` list (a trimmed-vocabulary
-        file, e.g. the ``vocab.json`` beside a trimmed checkpoint)."""
-        path = str(path)
-        if os.path.isdir(path):
-            path = os.path.join(path, "vocab.json")
-        try:
-            with open(path) as f:
-                d = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            raise PTSDataError(f"--id-map {path}: cannot read a JSON id map ({e})") from None
-        ids = d.get("phi4_ids") if isinstance(d, dict) else d
-        if not isinstance(ids, list) or not ids or not all(isinstance(i, int) and not isinstance(i, bool)
-                                                            for i in ids):
-            raise PTSDataError(f"--id-map {path}: expected a list of Phi-4 token ids, or an object with "
-                               f"a 'phi4_ids' list")
-        return cls(ids, source=path)
-
-    def _model(self, phi4_ids: Sequence[int], what: str) -> list[int]:
+        """``<|im_end|>`` and ``<|endoftext|>`` as model ids (those the id map has)."""
         out = []
-        for k, p in enumerate(phi4_ids):
-            if p not in self._to_model:
-                raise PTSDataError(f"{what}: Phi-4 token id {p} (position {k}) is not in the id map "
-                                   f"{self.source}")
-            out.append(self._to_model[p])
+        for p in (IM_END_ID, EOD_ID):
+            try:
+                out += self.to_model([p])
+            except ValueError:
+                pass
         return out
 
-    @property
-    def stop_token_ids(self) -> list[int]:
-        return [self._to_model[p] for p in self.base.stop_token_ids if p in self._to_model]
-
     def encode_chat(self, messages) -> list[int]:
-        return self._model(self.base.encode_chat(messages), "messages")
+        return self.to_model(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
 
-    def decode(self, ids: Sequence[int]) -> str:
+    def decode(self, model_ids: Sequence[int]) -> str:
+        """The text of ``model_ids``; an id the map cannot translate (a padding row a trimmed model
+        can still sample) reads as U+FFFD."""
+        ids = [int(i) for i in model_ids]
+        if self.id_map is None:
+            return self.tokenizer.decode(ids)
+        try:
+            return self.tokenizer.decode(self.id_map.to_phi4(ids))
+        except ValueError:
+            pass
         parts, run = [], []
         for i in ids:
-            if 0 <= i < len(self.phi4_ids):
-                run.append(self.phi4_ids[i])
-            else:
-                parts += [self.base.decode(run), "\ufffd"]
+            try:
+                run += self.id_map.to_phi4([i])
+            except ValueError:
+                parts += [self.tokenizer.decode(run), _UNMAPPED]
                 run = []
-        parts.append(self.base.decode(run))
+        parts.append(self.tokenizer.decode(run))
         return "".join(parts)
-
-
-def _import_attr(spec: str, what: str):
-    module, _, attr = spec.partition(":")
-    if not module or not attr:
-        raise PTSDataError(f"{what}: {spec!r} is not of the form 'package.module:attribute'")
-    try:
-        return getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as e:
-        raise PTSDataError(f"{what}: cannot import {spec!r} ({e})") from None
-
-
-def load_codec(id_map: str | None = None, codec: str | None = None):
-    """The codec the tool decodes with: ``codec`` ('module:attr', a codec object or a factory taking
-    no arguments), else ``id_map`` (:meth:`IdMapCodec.load`), else the Phi-4 tokenizer."""
-    if codec and id_map:
-        raise PTSDataError("--codec and --id-map: give one, not both")
-    if codec:
-        obj = _import_attr(codec, "--codec")
-        obj = obj() if callable(obj) and not hasattr(obj, "decode") else obj
-        for need in ("decode", "encode_chat", "stop_token_ids"):
-            if not hasattr(obj, need):
-                raise PTSDataError(f"--codec {codec}: the codec has no {need!r} (needs decode(ids) -> str, "
-                                   f"encode_chat(messages) -> ids, stop_token_ids)")
-        return obj
-    if id_map:
-        return IdMapCodec.load(id_map)
-    return Phi4Codec()
 
 
 # ------------------------------------------------------------------------------------ questions
@@ -167,60 +202,51 @@ def load_codec(id_map: str | None = None, codec: str | None = None):
 class Question:
     index: int  # position in the questions file (export order)
     key: str  # the record's "id", or "line-N"
+    where: str  # file:line, for messages
     prompt_ids: tuple[int, ...]
     reference: str
 
 
-def read_questions(path: str | os.PathLike, codec, vocab_size: int) -> list[Question]:
+def read_questions(path: str | os.PathLike, codec: TokenCodec, vocab_size: int) -> list[Question]:
     """Every question of ``path``, validated before any model work (``file:line: field: reason``)."""
     path = str(path)
+    if not os.path.isfile(path):
+        raise PTSDataError(f"--questions {path}: no such file")
     out: list[Question] = []
-    seen: dict[str, int] = {}
+    seen: dict[str, str] = {}
     try:
-        f = open(path, encoding="utf-8")
-    except OSError as e:
-        raise PTSDataError(f"--questions {path}: {e.strerror}") from None
-    with f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PTSDataError(f"{where}: invalid JSON: {e.msg}") from None
+        for where, rec in iter_jsonl([path]):
+            if isinstance(rec, RecordError):
+                raise rec
             if not isinstance(rec, dict):
-                raise PTSDataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+                raise RecordError(f"{where}: expected a JSON object, got {type(rec).__name__}")
             unknown = sorted(set(rec) - set(_QUESTION_KEYS))
             if unknown:
-                raise PTSDataError(f"{where}: unknown field {unknown[0]!r} (allowed: {', '.join(_QUESTION_KEYS)})")
-            key = rec.get("id", f"line-{lineno}")
+                raise RecordError(f"{where}: unknown field {unknown[0]!r} (allowed: {', '.join(_QUESTION_KEYS)})")
+            key = rec.get("id", f"line-{where.rsplit(':', 1)[1]}")
             if isinstance(key, bool) or not isinstance(key, (str, int)):
-                raise PTSDataError(f"{where}: id: expected a string or an int, got {key!r}")
+                raise RecordError(f"{where}: id: expected a string or an int, got {key!r}")
             key = str(key)
             if key in seen:
-                raise PTSDataError(f"{where}: id: {key!r} already used on line {seen[key]}")
-            seen[key] = lineno
+                raise RecordError(f"{where}: id: {key!r} is already used at {seen[key]}")
+            seen[key] = where
             ref = rec.get("reference")
-            if not isinstance(ref, str):
-                raise PTSDataError(f"{where}: reference: expected a string, got {type(ref).__name__}")
-            if ("prompt_ids" in rec) == ("messages" in rec):
-                raise PTSDataError(f"{where}: give exactly one of 'prompt_ids' and 'messages'")
-            if "messages" in rec:
-                try:
-                    ids = codec.encode_chat(rec["messages"])
-                except (ValueError, TypeError, KeyError) as e:
-                    raise PTSDataError(f"{where}: messages: {e}") from None
+            if not isinstance(ref, str) or not ref.strip():
+                raise RecordError(f"{where}: reference: expected a non-empty string, got {ref!r}")
+            if "prompt_ids" in rec:
+                if any(k in rec for k in ("messages", "prompt", "question", "system")):
+                    raise RecordError(f"{where}: give the query once: prompt_ids, or messages / prompt / "
+                                      f"question text, not both")
+                ids = token_ids(rec["prompt_ids"], where, "prompt_ids", vocab_size)
             else:
-                ids = rec["prompt_ids"]
-                if not isinstance(ids, list):
-                    raise PTSDataError(f"{where}: prompt_ids: expected a list of token ids")
-            if not ids:
-                raise PTSDataError(f"{where}: the query is empty")
-            for j, t in enumerate(ids):
-                if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size:
-                    raise PTSDataError(f"{where}: prompt_ids[{j}]: {t!r} is not a token id in [0, {vocab_size})")
-            out.append(Question(len(out), key, tuple(ids), ref))
+                try:
+                    ids = codec.encode_chat(prompt_messages(rec, where))
+                except ValueError as e:  # a token the id map lacks
+                    raise RecordError(f"{where}: messages: {e}") from None
+                ids = token_ids(ids, where, "the encoded query", vocab_size)
+            out.append(Question(len(out), key, where, tuple(ids), ref))
+    except RecordError as e:
+        raise PTSDataError(str(e)) from None
     if not out:
         raise PTSDataError(f"--questions {path}: no questions")
     return out
@@ -246,18 +272,16 @@ class Journal:
 
     def repair(self) -> None:
         """Drop this rank's torn last line, if any, so the next append starts on a line of its own."""
-        if not self.path.exists():
-            return
-        data = self.path.read_bytes()
-        keep = list(_complete_lines(self.path))
-        text = "".join(json.dumps(r) + "\n" for r in keep)
-        if text.encode() != data:
-            _atomic_write_lines(self.path, (json.dumps(r) for r in keep))
+        if self.path.exists() and not self.path.read_bytes().endswith(b"\n") and self.path.stat().st_size:
+            with AtomicJsonlWriter(str(self.path)) as w:
+                for rec in _complete_lines(self.path):
+                    w.write(rec)
+                w.commit()
 
     def append(self, record: dict) -> None:
         """One line, one write, fsynced: the question is finished once this returns."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        line = (json.dumps(record) + "\n").encode()
+        line = (json.dumps(record, separators=(",", ":")) + "\n").encode()
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             os.write(fd, line)
@@ -283,42 +307,41 @@ def _complete_lines(path: Path) -> Iterable[dict]:
         yield rec
 
 
-def _atomic_write_lines(path: Path, lines: Iterable[str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for line in lines:
-                f.write(line + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
-
-
-def check_run_settings(output_dir: str | os.PathLike, settings: dict[str, Any]) -> None:
-    """Record the run's settings on its first start; a resumed run must use the same ones (mixing
-    rollout counts or thresholds in one output would make its records incomparable)."""
+def check_run_settings(output_dir: str | os.PathLike, settings: dict[str, Any], write: bool = True) -> None:
+    """A resumed run must use the settings it was started with (mixing rollout counts or
+    thresholds in one output would make its records incomparable); the first start records them."""
     path = Path(output_dir) / "run.json"
     if path.exists():
-        old = json.loads(path.read_text())
-        for k, v in settings.items():
-            if k in old and old[k] != v:
-                raise PTSDataError(f"{path}: this output directory was started with {k}={old[k]!r}, now "
-                                   f"{k}={v!r}; use the same settings to resume, or another --output")
-        return
-    _atomic_write_lines(path, [json.dumps(settings, indent=1)])
+        try:
+            old = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise PTSDataError(f"{path}: not valid JSON ({e}); restore it or use another --output") from None
+        changed = [k for k in settings if k in old and old[k] != settings[k]]
+        if changed:
+            k = changed[0]
+            raise PTSDataError(f"{path}: this output directory was started with {k}={old[k]!r}, now {k}="
+                               f"{settings[k]!r}; use the same settings to resume, or another --output")
+    elif write:
+        write_json_atomic(str(path), settings)
+
+
+# -------------------------------------------------------------------------------------- exports
+def pair_record(pivot: dict) -> dict | None:
+    """The DPO pair of a pivotal-token record (None when no alternative was verified): prompt =
+    query + prefix, completions = the two single tokens, as token ids."""
+    if not pivot.get("pair"):
+        return None
+    return {"prompt_ids": pivot["prompt_ids"], "chosen_ids": [pivot["pair"]["chosen_id"]],
+            "rejected_ids": [pivot["pair"]["rejected_id"]], "source": PAIR_SOURCE}
 
 
 @contextlib.contextmanager
 def _export_lock(output_dir: Path):
-    """Serialize exports of ranks finishing together, so the last one to export saw every journal."""
+    """Serialize the exports of ranks finishing together, so the last one to export saw every
+    journal complete."""
     import fcntl
 
+    output_dir.mkdir(parents=True, exist_ok=True)
     with open(output_dir / ".export.lock", "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
@@ -335,21 +358,30 @@ def export_results(output_dir: str | os.PathLike, questions: Sequence[Question] 
         done = Journal.read_all(out)
         order = {q.key: q.index for q in questions} if questions is not None else {}
         recs = sorted(done.values(), key=lambda r: (order.get(r["question"], r.get("index", 0)), r["question"]))
-        _atomic_write_lines(out / "pivotal_tokens.jsonl", (json.dumps(p) for r in recs for p in r["pivots"]))
-        _atomic_write_lines(out / "pairs.jsonl", (json.dumps(p) for r in recs for p in r["pairs"]))
-        searched = [r for r in recs if r["status"] == "searched"]
-        pivots = sum(len(r["pivots"]) for r in recs)
+        pivots = [p for r in recs for p in r["pivots"]]
+        pairs = [pr for pr in map(pair_record, pivots) if pr is not None]
+        for name, rows in (("pivotal_tokens.jsonl", pivots), ("pairs.jsonl", pairs)):
+            with AtomicJsonlWriter(str(out / name)) as w:
+                for row in rows:
+                    w.write(row)
+                w.commit()
+        statuses: dict[str, int] = {}
+        for r in recs:
+            statuses[r["status"]] = statuses.get(r["status"], 0) + 1
         rollouts = sum(r["rollouts"] for r in recs)
         summary = {
-            "questions_done": len(recs),
             "questions_total": len(questions) if questions is not None else None,
-            "questions_in_window": len(searched),
-            "pivotal_tokens": pivots,
-            "pairs": sum(len(r["pairs"]) for r in recs),
+            "questions_done": len(recs),
+            "questions_by_status": dict(sorted(statuses.items())),
+            "pivotal_tokens": len(pivots),
+            "pairs": len(pairs),
+            "pivotal_tokens_without_pair": len(pivots) - len(pairs),
             "rollouts": rollouts,
-            "rollouts_searching": sum(r["rollouts"] for r in searched),
-            # Everything spent, the filtering of questions outside the window included.
-            "rollouts_per_pivotal_token": rollouts / pivots if pivots else None,
+            "rollouts_searching": sum(r["rollouts"] for r in recs if r["status"] == "searched"),
+            # Everything spent, the rollouts that filtered questions out of the window included.
+            "rollouts_per_pivotal_token": rollouts / len(pivots) if pivots else None,
+            "rollouts_per_pair": rollouts / len(pairs) if pairs else None,
+            "bad_references": [f"{r['question']}: {r['error']}" for r in recs if r["status"] == "bad_reference"],
         }
-        _atomic_write_lines(out / "summary.json", [json.dumps(summary, indent=1)])
+        write_json_atomic(str(out / "summary.json"), summary)
     return summary

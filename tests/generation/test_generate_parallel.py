@@ -33,7 +33,7 @@ def _as_lists(results):
 
 def _tp_rank(rank, world, state, stop):
     from megatron_phi4.config import ParallelConfig
-    from megatron_phi4.distributed import ParallelEngine
+    from megatron_phi4.engine import ParallelEngine
     from megatron_phi4.distributed.parallel_dims import ParallelDims
     from megatron_phi4.generation import generate
 
