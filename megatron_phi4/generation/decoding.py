@@ -70,9 +70,19 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, te
     temperature: 0 = greedy (argmax, first id on ties); top_p in (0, 1]; top_k 0 = off.
     stop_token_ids: a row stops after producing one of them (it is kept in ``token_ids``);
         default ``<|im_end|>`` (100265) and ``<|endoftext|>`` (100257).
-    seed: None (fresh randomness), an int (every prompt's sample j uses the stream of
-        ``(seed, j)``), or one int per prompt. The same seed and prompt give the same tokens whatever
-        else is in the batch; two equal prompts under one int seed therefore get equal samples.
+    seed: None (fresh randomness, drawn from torch's global generator: ``torch.manual_seed`` fixes
+        it), an int (every prompt's sample j uses the stream of ``(seed, j)``), or one int per
+        prompt. The same seed and prompt give the same tokens whatever else is in the batch, on CPU
+        and GPU and under TP; two equal prompts under one int seed therefore get equal samples.
+
+    Returns ``results[i][j]`` (prompt i, sample j), a :class:`Sample`:
+        ``token_ids``: the new tokens only (the prompt is not repeated), ending with the stop token
+            when one was generated (``finish_reason`` "stop"), else ``max_new_tokens`` long ("length");
+        ``logprobs``: one float per token: ``log_softmax(logits)[token]`` of the model's own next-token
+            distribution -- temperature 1, before top-k/top-p -- computed in fp32 from the logits
+            of the forward pass (in the model's dtype). Not the log-probability under the sampling
+            distribution actually used; it is what Pivotal Token Search splits on and what a DPO
+            reference model assigns. Greedy samples of one prompt are identical copies.
     """
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                             top_k=top_k, num_samples=num_samples,

@@ -26,10 +26,12 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from megatron_phi4.tokenizer import EOD_ID, IM_END_ID
+
 __all__ = ["SamplingParams", "GenerationError", "sample_seed", "SampleStreams", "filtered_probs",
            "choose_tokens"]
 
-DEFAULT_STOP_TOKEN_IDS = (100265, 100257)  # <|im_end|>, <|endoftext|>
+DEFAULT_STOP_TOKEN_IDS = (IM_END_ID, EOD_ID)  # <|im_end|> (100265), <|endoftext|> (100257)
 
 
 class GenerationError(ValueError):

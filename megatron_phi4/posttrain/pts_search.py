@@ -196,8 +196,8 @@ class SuccessEstimator:
                 self.model, [list(self.q.prompt_ids) + list(key)], max_new_tokens=cfg.max_new_tokens - len(key),
                 temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, num_samples=cfg.rollouts,
                 stop_token_ids=self.stop_ids, seed=_stable_seed(cfg.seed, self.q.key, key))[0]
+            self.rollouts += len(samples)  # spent, whatever the oracle says next
             verdicts = self.check([key + tuple(s.token_ids) for s in samples])
-            self.rollouts += len(samples)
             est = Estimate(p=sum(verdicts) / len(verdicts), rollouts=len(samples),
                            first_tokens=[s.token_ids[0] for s in samples],
                            samples=samples if not key else None, verdicts=verdicts if not key else None)
@@ -220,14 +220,26 @@ def _alternatives(est: Estimate, exclude: int, limit: int) -> list[int]:
 
 def search_question(model, question: Question, verdicts, codec: TokenCodec, cfg: PTSConfig,
                     generate_fn=None) -> dict:
-    """Everything the tool does for one question; returns its journal record (``status``:
-    "searched", "outside_window"; :class:`BadReference` propagates before any rollout)."""
+    """Everything the tool does for one question; returns its journal record, whose ``status`` is
+    "searched", "outside_window" (p(success | Q) outside [min_p, max_p]) or "bad_reference" (the
+    oracle rejected the reference: the question's data error, recorded so that a resumed run does
+    not retry it)."""
     t0 = time.perf_counter()
     est = SuccessEstimator(model, question, verdicts, codec, cfg, generate_fn)
-    est.check([()])  # the reference is valid (BadReference otherwise) before any rollout is spent
+    record: dict[str, Any] = {"question": question.key, "index": question.index, "p_query": None, "pivots": []}
+    try:
+        est.check([()])  # the reference is valid before any rollout is spent on it
+        return _search(est, question, codec, cfg, record, t0)
+    except BadReference as e:
+        record.update(status="bad_reference", error=f"{question.where}: reference: {e}", pivots=[],
+                      rollouts=est.rollouts, seconds=time.perf_counter() - t0)
+        return record
+
+
+def _search(est: SuccessEstimator, question: Question, codec: TokenCodec, cfg: PTSConfig, record: dict,
+            t0: float) -> dict:
     root = est.estimate(())
-    record: dict[str, Any] = {"question": question.key, "index": question.index, "p_query": root.p,
-                              "pivots": []}
+    record["p_query"] = root.p
     if not cfg.min_p <= root.p <= cfg.max_p:
         record.update(status="outside_window", rollouts=est.rollouts, seconds=time.perf_counter() - t0)
         return record

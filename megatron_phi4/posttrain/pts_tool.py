@@ -29,7 +29,7 @@ from megatron_phi4.posttrain.pts_data import (
     Journal, PTSDataError, TokenCodec, check_run_settings, export_results, import_attr, load_id_map,
     read_questions,
 )
-from megatron_phi4.posttrain.pts_search import BadReference, OracleVerdicts, PTSConfig, search_question
+from megatron_phi4.posttrain.pts_search import OracleVerdicts, PTSConfig, search_question
 
 __all__ = ["build_parser", "load_oracle", "main", "run"]
 
@@ -228,11 +228,7 @@ def run(args, load_model: Callable) -> int:
     totals: Counter = Counter()
     t_start = time.perf_counter()
     for n, q in enumerate(mine, 1):
-        try:
-            rec = search_question(model, q, verdicts, codec, cfg)
-        except BadReference as e:  # recorded, so a resumed run does not retry it; the run goes on
-            rec = {"question": q.key, "index": q.index, "status": "bad_reference", "error": f"{q.where}: {e}",
-                   "p_query": None, "rollouts": 0, "pivots": [], "seconds": 0.0}
+        rec = search_question(model, q, verdicts, codec, cfg)
         if writer:
             journal.append(rec)
         pairs = sum(1 for p in rec["pivots"] if p["pair"])

@@ -231,3 +231,31 @@ def test_bad_arguments_name_the_argument(model, kwargs, match):
 def test_bad_prompts_name_the_position(model, prompts, match):
     with pytest.raises(GenerationError, match=match):
         generate(model, prompts, max_new_tokens=2)
+
+
+# -------------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+def test_cuda_matches_cpu_and_transformers(model, hf_and_ours):
+    """On a GPU (fp32): greedy tokens equal transformers' and the CPU's; seeded samples equal the
+    CPU's (the uniforms are drawn on the CPU); shared prefix == recomputed; bf16 runs."""
+    import copy
+
+    cuda = copy.deepcopy(model).to("cuda")
+    greedy = dict(max_new_tokens=16, stop_token_ids=[])
+    _assert_same(generate(cuda, PROMPTS, **greedy), generate(model, PROMPTS, **greedy), tol=1e-4)
+    sampled = dict(max_new_tokens=16, temperature=1.0, top_p=0.9, num_samples=4, seed=5, stop_token_ids=[])
+    on_gpu = generate(cuda, PROMPTS, **sampled)
+    _assert_same(on_gpu, generate(model, PROMPTS, **sampled), tol=1e-4)
+    params = SamplingParams(max_new_tokens=16, temperature=1.0, num_samples=4, stop_token_ids=())
+    _assert_same(generate_with_params(cuda, PROMPTS, params, seed=2, share_prefix=True),
+                 generate_with_params(cuda, PROMPTS, params, seed=2, share_prefix=False), tol=1e-4)
+    hf, ours = hf_and_ours
+    hf, ours = copy.deepcopy(hf).to("cuda"), copy.deepcopy(ours).to("cuda")
+    prompts = [[(7 * i + 3 * j) % 128 for j in range(n)] for i, n in enumerate([5, 1, 12, 9])]
+    for p, res in zip(prompts, generate(ours, prompts, max_new_tokens=30, stop_token_ids=[])):
+        x = torch.tensor([p], device="cuda")
+        want = hf.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=30,
+                           eos_token_id=None, pad_token_id=0)[0, len(p):].tolist()
+        assert res[0].token_ids == want
+    out = generate(cuda.to(torch.bfloat16), PROMPTS, max_new_tokens=8, temperature=1.0, num_samples=64, seed=0)
+    assert all(len(s.token_ids) >= 1 and all(lp <= 0 for lp in s.logprobs) for per in out for s in per)
