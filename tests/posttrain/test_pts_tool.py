@@ -272,3 +272,33 @@ def test_torchrun_tp2_dp2_writes_the_files_of_one_process(setup, fresh, tmp_path
     assert sorted(p.name for p in out.glob("journal.rank*.jsonl")) == ["journal.rank0.jsonl", "journal.rank1.jsonl"]
     assert [len(_jsonl(p)) for p in sorted(out.glob("journal.rank*.jsonl"))] == [3, 3]  # round robin
     assert _outputs(out) == _outputs(fresh)
+
+
+def test_trimmed_vocab_of_the_demo_plugs_in(setup, tmp_path):
+    """The demo's TrimmedVocab (branch task) is an IdMap, and its vocab.json reads as a JsonIdMap."""
+    tv = pytest.importorskip("megatron_phi4.demo.trimmed_vocab")
+    vocab = tv.TrimmedVocab(setup["ids"], vocab_size=S.VOCAB)
+    path = vocab.save(tmp_path)
+    ids = list(range(len(setup["ids"]))) + [S.VOCAB - 1]
+    a, b = TokenCodec(vocab), TokenCodec(load_id_map(path))
+    assert a.decode(ids) == b.decode(ids) and a.decode(ids).endswith("\ufffd")
+    assert a.stop_token_ids == b.stop_token_ids == vocab.stop_token_ids
+    chat = [{"role": "user", "content": "7"}]
+    assert a.encode_chat(chat) == b.encode_chat(chat)
+
+
+def test_the_oracles_of_the_registry_plug_in():
+    """The named oracles (branch oracles): verdicts, and a bad reference as BadReference."""
+    pytest.importorskip("megatron_phi4.posttrain.oracles")
+    from megatron_phi4.posttrain.pts_data import PTSDataError, Question
+    from megatron_phi4.posttrain.pts_search import BadReference, OracleVerdicts
+    from megatron_phi4.posttrain.pts_tool import _check_references, load_oracle
+
+    verdicts = OracleVerdicts(load_oracle("numeric"))
+    assert verdicts(["so the answer is 12", "the answer is 123"], "12") == [True, False]
+    with pytest.raises(BadReference, match="twelve"):
+        verdicts(["12"], "twelve")
+    with pytest.raises(PTSDataError, match="q.jsonl:3: reference"):
+        _check_references(load_oracle("numeric"), [Question(0, "a", "q.jsonl:3", (1,), "twelve")])
+    with pytest.raises(PTSDataError, match="--oracle nope"):
+        load_oracle("nope")
