@@ -112,8 +112,8 @@ def rank_chunks(model: ModelConfig, layout: Layout, pp_rank: int) -> list[Chunk]
 _CACHE: dict = {}
 
 
-def _model_key(model: ModelConfig) -> tuple:
-    return tuple(getattr(model, f.name) for f in dataclasses.fields(model))
+def _model_key(model: ModelConfig) -> str:
+    return repr(dataclasses.asdict(model))  # nested sections (model.fp8) are not hashable
 
 
 def _rank_chunks(model: ModelConfig, layout: Layout, pp_rank: int) -> list[Chunk]:
