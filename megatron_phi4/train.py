@@ -11,7 +11,12 @@ if set, else ``runs/sample_data``) and ``${RECIPE_DIR}`` (the recipe file's dire
 ``${SAMPLE_DATA}`` and that directory holds no complete sample data, it is prepared first: by
 local rank 0 of each node, while the node's other ranks wait for it.
 
-Exit status: 0 when the run finished or stopped cleanly on SIGTERM/SIGUSR1 (after a checkpoint),
+Under ``srun`` without torchrun (one task per GPU) the ranks come from SLURM's variables
+(``megatron_phi4/launch/env.py``). A SIGTERM/SIGUSR1 that arrives while the process is still
+starting is kept and stops the run after its first step (``megatron_phi4/launch/stop.py``).
+
+Exit status: 0 when the run finished or stopped cleanly on SIGTERM/SIGUSR1 (after a checkpoint;
+rank 0 then leaves ``<run_dir>/stopped_by_signal`` for the batch script to requeue the job),
 1 on a training error (every rank exits; a rank blocked on a dead peer fails after
 ``parallel.timeout_minutes``), 2 on a configuration error.
 """
@@ -23,6 +28,9 @@ import socket
 import sys
 import traceback
 from pathlib import Path
+
+from megatron_phi4.launch.env import apply_slurm_env
+from megatron_phi4.launch.stop import EarlyStop, clear_stop_marker, write_stop_marker
 
 DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "examples" / "recipes" / "tiny_cpu.yaml"
 DEFAULT_SAMPLE_DIR = "runs/sample_data"
@@ -99,6 +107,17 @@ def _ensure_sample_data(sample_dir: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # launch (megatron_phi4/launch): stop signals are caught from the first instant, SLURM's
+    # environment stands in for torchrun's, and the original signal dispositions come back at the end.
+    early_stop = EarlyStop().install()
+    try:
+        apply_slurm_env()
+        return _main(argv, early_stop)
+    finally:
+        early_stop.restore()
+
+
+def _main(argv: list[str] | None, early_stop: EarlyStop) -> int:
     args = _parser().parse_args(argv)
     _tune_malloc()
     from megatron_phi4.config import ConfigError, load_recipe
@@ -134,8 +153,10 @@ def main(argv: list[str] | None = None) -> int:
     if dims.rank == 0:
         print(f"recipe {recipe.name} ({config}), run_dir {recipe.run_dir}, stages "
               f"{' -> '.join(s.name for s in recipe.stages)}", flush=True)
+        clear_stop_marker(recipe.run_dir)  # launch: a stale marker must not requeue this run
     try:
         trainer = Trainer(recipe, dims)
+        early_stop.hand_over(trainer.signal)  # launch: a signal during start-up stops after step 1
         summary = trainer.run(args.stage)
     except BaseException as e:  # noqa: BLE001
         print(f"phi4-train: rank {dims.rank}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
@@ -147,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         os._exit(1)
     if dims.rank == 0:
         _print_summary(summary)
+        if summary.get("stopped_by_signal"):  # launch: tells examples/slurm/train.sbatch to requeue
+            write_stop_marker(recipe.run_dir, summary)
     if dist.is_initialized():
         dist.destroy_process_group()
     return 0
