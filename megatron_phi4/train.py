@@ -130,7 +130,7 @@ def _main(argv: list[str] | None, early_stop: EarlyStop) -> int:
     variables = {"SAMPLE_DATA": sample_dir, "RECIPE_DIR": str(Path(config).resolve().parent)}
     configure_logging(rank)
     try:
-        recipe = load_recipe(config, args.overrides, world_size, variables=variables)
+        recipe = load_recipe(config, args.overrides, world_size, variables=variables, stage_name=args.stage)
         if args.stage is not None:
             recipe.stage(args.stage)
         if _uses_variable(config, args.overrides, "SAMPLE_DATA"):
@@ -156,7 +156,7 @@ def _main(argv: list[str] | None, early_stop: EarlyStop) -> int:
         clear_stop_marker(recipe.run_dir)  # launch: a stale marker must not requeue this run
     try:
         trainer = Trainer(recipe, dims)
-        early_stop.hand_over(trainer.signal)  # launch: a signal during start-up stops after step 1
+        _hand_over_early_stop(early_stop, trainer, dims.rank)  # launch: a start-up signal stops after step 1
         summary = trainer.run(args.stage)
     except BaseException as e:  # noqa: BLE001
         print(f"phi4-train: rank {dims.rank}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
@@ -173,6 +173,18 @@ def _main(argv: list[str] | None, early_stop: EarlyStop) -> int:
     if dist.is_initialized():
         dist.destroy_process_group()
     return 0
+
+
+def _hand_over_early_stop(early_stop, trainer, rank: int) -> None:
+    """Route stop signals caught during start-up to the ``stop_signal`` callback's flag (the one its
+    ``should_stop`` all-reduces after every step). A recipe that turned that callback off gets
+    no stop-on-signal at all: say so when a signal was already caught."""
+    target = getattr(trainer.callbacks.get("stop_signal"), "signal", None)
+    if target is not None:
+        early_stop.hand_over(target)
+    elif early_stop.received is not None and rank == 0:
+        print("phi4-train: a stop signal arrived during start-up, but the recipe turned the stop_signal "
+              "callback off: training continues", file=sys.stderr, flush=True)
 
 
 def _print_summary(summary: dict) -> None:

@@ -8,14 +8,22 @@ daemons.
 Isolation: every file (config, state, spool, pid, log, munge key and socket) lives in one temporary
 directory; clients find the cluster only through ``SLURM_CONF``; the controller listens for
 127.0.0.1, the nodes have ``NodeAddr`` 127.0.0.2 and 127.0.0.3, and all ports are picked free. No
-address outside 127.0.0.0/8 is used. ``stop()`` cancels the jobs, then terminates every daemon this
-object started -- and every process below them (job steps) -- by PID.
+address outside 127.0.0.0/8 is used.
+
+Clean-up by PID: slurmd double-forks its ``slurmstepd`` processes, which would be re-parented to
+PID 1 (and, on machines whose PID 1 does not reap, linger as zombies). While the cluster runs, the
+test process is a child subreaper (``PR_SET_CHILD_SUBREAPER``), so they become its children
+instead. ``stop()`` cancels the jobs, then terminates every process that carries this cluster's
+own ``SLURM_CONF`` path in its environment (daemons, step daemons, batch scripts, job tasks; the
+path is unique to the temporary directory) plus their descendants, SIGKILLs what is left after
+10 s, and reaps them.
 
 ``MiniSlurm.unavailable()`` says why the machine cannot host one (not root, packages missing),
 so the tests skip with that reason.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import pwd
 import re
@@ -65,6 +73,22 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
+def _environ_has(pid: int, entry: bytes) -> bool:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            return entry in f.read().split(b"\0")
+    except OSError:
+        return False
+
+
+def _set_child_subreaper(on: bool) -> bool:
+    """Make orphaned descendants of this process its children (Linux >= 3.4). Best effort."""
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl(36, 1 if on else 0, 0, 0, 0) == 0  # PR_SET_CHILD_SUBREAPER
+    except (OSError, AttributeError):
+        return False
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -95,6 +119,7 @@ class MiniSlurm:
             if k != "SLURM_CONF":
                 del self.env[k]
         self.node_addr = dict(NODES)
+        self._subreaper = False
 
     # ------------------------------------------------------------------ availability
     @staticmethod
@@ -122,10 +147,11 @@ class MiniSlurm:
 
     # ------------------------------------------------------------------ start / stop
     def start(self, timeout: float = 60.0) -> "MiniSlurm":
+        self._subreaper = _set_child_subreaper(True)
         try:
             self._start_munge()
             self._write_conf()
-            for d in ("state", "spool", "log"):
+            for d in ("state", "spool", "log", *(f"spool/{n}" for n, _ in NODES)):
                 (self.root / d).mkdir(exist_ok=True)
             self._spawn("slurmctld", [_which("slurmctld"), "-D", "-i", "-f", str(self.conf)])
             self._wait(lambda: self.run("scontrol", "ping", check=False).returncode == 0, timeout,
@@ -150,15 +176,16 @@ class MiniSlurm:
         for p in (etc, run, key):
             os.chown(p, pw.pw_uid, pw.pw_gid)
         self.munge_socket = run / "munge.socket"
-        self._spawn("munged", [_which("runuser"), "-u", "munge", "--", _which("munged"), "-F",
-                               f"--socket={self.munge_socket}", f"--key-file={key}",
+        self._spawn("munged", [_which("munged"), "-F", f"--socket={self.munge_socket}", f"--key-file={key}",
                                f"--pid-file={run / 'munged.pid'}", f"--log-file={run / 'munged.log'}",
-                               f"--seed-file={etc / 'munged.seed'}"])
+                               f"--seed-file={etc / 'munged.seed'}"], user=pw.pw_uid, group=pw.pw_gid)
         self._wait(lambda: subprocess.run(
             f"{_which('munge')} -n -S {self.munge_socket} | {_which('unmunge')} -S {self.munge_socket}",
             shell=True, capture_output=True).returncode == 0, 30, "munge -n | unmunge", "munged")
 
     def _write_conf(self) -> None:
+        # cred_expire: a requeued job may start again only cred_expire + 1 s later (default 120 s);
+        # 20 keeps the pre-emption test short while leaving step launches ample credential lifetime.
         r = self.root
         self.ctld_port = free_port()
         lines = [
@@ -166,7 +193,7 @@ class MiniSlurm:
             f"SlurmctldHost={self.host}(127.0.0.1)",
             f"SlurmctldPort={self.ctld_port}",
             "AuthType=auth/munge", "CredType=cred/munge",
-            f"AuthInfo=socket={self.munge_socket}",
+            f"AuthInfo=socket={self.munge_socket},cred_expire=20",
             "SlurmUser=root", "SlurmdUser=root",
             f"StateSaveLocation={r / 'state'}",
             f"SlurmdSpoolDir={r / 'spool'}/%n",
@@ -191,10 +218,10 @@ class MiniSlurm:
                      f"MaxTime=INFINITE State=UP")
         self.conf.write_text("\n".join(lines) + "\n")
 
-    def _spawn(self, name: str, argv: list[str]) -> None:
+    def _spawn(self, name: str, argv: list[str], **kw) -> None:
         log = open(self.root / f"{name}.stdout", "wb")
         self.procs[name] = subprocess.Popen(argv, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL, start_new_session=True)
+                                            stdin=subprocess.DEVNULL, start_new_session=True, **kw)
         log.close()
 
     def _wait(self, ok, timeout: float, what: str, proc_name: str) -> None:
@@ -213,14 +240,27 @@ class MiniSlurm:
         states = dict(line.split() for line in r.stdout.splitlines() if line.strip())
         return all(states.get(n, "").startswith("idle") for n, _ in NODES)
 
+    def cluster_pids(self) -> list[int]:
+        """Every live process of this cluster: started here, or carrying its SLURM_CONF, and below."""
+        entry = f"SLURM_CONF={self.conf}".encode()
+        roots = [p.pid for p in self.procs.values()]
+        roots += [int(d) for d in os.listdir("/proc")
+                  if d.isdigit() and int(d) != os.getpid() and _environ_has(int(d), entry)]
+        out: list[int] = []
+        for pid in roots:
+            for q in [pid] + _descendants(pid):
+                if q not in out and q != os.getpid():
+                    out.append(q)
+        return [p for p in out if _alive(p)]
+
     def stop(self) -> None:
-        """Cancel jobs, then SIGTERM (later SIGKILL) every process started here and its descendants."""
+        """Cancel jobs, then SIGTERM (after 10 s SIGKILL) every process of the cluster, and reap."""
         if "slurmctld" in self.procs and self.procs["slurmctld"].poll() is None:
-            self.run("scancel", "--full", "--user", "root", check=False, timeout=15)
-        pids: list[int] = []
-        for name in reversed(list(self.procs)):  # slurmd first, munged last
-            p = self.procs[name]
-            pids += _descendants(p.pid) + [p.pid]
+            try:
+                self.run("scancel", "--full", "--user", "root", check=False, timeout=15)
+            except subprocess.TimeoutExpired:
+                pass
+        pids = self.cluster_pids()
         for pid in pids:
             try:
                 os.kill(pid, signal.SIGTERM)
@@ -228,19 +268,49 @@ class MiniSlurm:
                 pass
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and any(_alive(p) for p in pids):
+            self._reap([p for p in pids if p not in {q.pid for q in self.procs.values()}])
             time.sleep(0.1)
-        for pid in pids:
-            if _alive(pid):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+        late = self.cluster_pids()  # what ignored SIGTERM, and anything forked meanwhile
+        for pid in late:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         for p in self.procs.values():
             try:
                 p.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 pass
+        own = {p.pid for p in self.procs.values()}
+        self._reap([p for p in pids + late if p not in own] + self._adopted_step_daemons())
         self.procs.clear()
+        if self._subreaper:
+            _set_child_subreaper(False)
+            self._subreaper = False
+
+    @staticmethod
+    def _adopted_step_daemons() -> list[int]:
+        """slurmstepd processes re-parented to us (through the subreaper) that already ended."""
+        out = []
+        for d in os.listdir("/proc"):
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    head, tail = f.read().rsplit(")", 1)
+            except (OSError, ValueError):
+                continue
+            fields = tail.split()
+            if head.split("(", 1)[-1].startswith("slurmstepd") and int(fields[1]) == os.getpid():
+                out.append(int(d))
+        return out
+
+    @staticmethod
+    def _reap(pids) -> None:
+        """Collect the exit status of those of ``pids`` that are our (adopted) children."""
+        for pid in pids:
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
 
     # ------------------------------------------------------------------ clients
     def run(self, *argv: str, check: bool = True, timeout: float = 60, env: dict | None = None,

@@ -209,3 +209,25 @@ def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_entry_point_checks_the_batch_layout_of_the_selected_stage_only(tmp_path):
+    """``--stage b`` on 2 ranks: stage a's global batch (3) does not split over dp 2, and need not;
+    the run gets past the layout check to the next one (b's missing data), before any process
+    group. Without ``--stage`` the layout error names stage a."""
+    tree = yaml.safe_load(open(_recipe(tmp_path)))
+    a = tree["stages"][0]
+    a["name"], a["data"]["global_batch_size"] = "a", 3
+    b = {"name": "b", "train_steps": 1, "data": {"kind": "sft", "paths": [str(tmp_path / "missing")],
+                                                 "seq_length": 8, "micro_batch_size": 1, "global_batch_size": 2},
+         "optim": {"lr": 1e-3}}
+    tree["stages"] = [a, b]
+    cfg = tmp_path / "two.yaml"
+    cfg.write_text(yaml.safe_dump(tree))
+    env = _clean_env(WORLD_SIZE="2", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="1")
+    run = lambda *a: subprocess.run([sys.executable, "-m", "megatron_phi4.train", "--config", str(cfg), *a],
+                                    cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    r = run("--stage", "b")
+    assert r.returncode == 2 and "global_batch_size" not in r.stderr and "missing" in r.stderr, r.stderr
+    r = run()
+    assert r.returncode == 2 and "stages.a.data.global_batch_size" in r.stderr, r.stderr
