@@ -494,7 +494,10 @@ class RecipeConfig:
     # (nonfinite, metrics, evaluation, stop_signal, checkpoint); `{type: X, enabled: false}` removes one.
     callbacks: list[CallbackConfig] = field(default_factory=list)
 
-    def validate(self, world_size: int | None = None) -> "RecipeConfig":
+    def validate(self, world_size: int | None = None, stage_name: str | None = None) -> "RecipeConfig":
+        """Check every field; with ``world_size``, also that each stage's global batch splits over
+        the data-parallel ranks -- only ``stage_name``'s when the run trains that stage alone (stages of
+        one recipe may run on differently sized jobs: pre-training on 240 nodes, SFT on 16)."""
         self.model.validate("model")
         self.parallel.validate(self.model, world_size, "parallel")
         self.checkpoint.validate("checkpoint")
@@ -508,7 +511,7 @@ class RecipeConfig:
             _require(stage.data.seq_length <= self.model.max_seq_length, f"stages.{stage.name}.data.seq_length",
                      f"{stage.data.seq_length} exceeds model.max_seq_length={self.model.max_seq_length} (the longest "
                      f"sequence the model is configured for); raise model.max_seq_length or shorten the stage")
-            if world_size is not None:
+            if world_size is not None and stage_name in (None, stage.name):
                 stage.data.check_batch_layout(self.parallel.resolved_dp(world_size), f"stages.{stage.name}.data")
         return self
 
@@ -671,8 +674,10 @@ def expand_variables(tree, variables: dict | None = None):
 
 
 def load_recipe(path: str | Path | None, overrides: list[str] = (), world_size: int | None = None,
-                variables: dict | None = None) -> RecipeConfig:
-    """Read, expand ``${NAME}`` variables (see ``expand_variables``), override and validate."""
+                variables: dict | None = None, stage_name: str | None = None) -> RecipeConfig:
+    """Read, expand ``${NAME}`` variables (see ``expand_variables``), override and validate (the
+    batch layout for ``world_size``: of every stage, or of ``stage_name`` alone when only that
+    stage will run)."""
     tree = load_yaml(path) if path is not None else {}
     apply_overrides(tree, list(overrides))
     tree = expand_variables(tree, variables)
@@ -680,4 +685,4 @@ def load_recipe(path: str | Path | None, overrides: list[str] = (), world_size: 
         recipe = from_dict(RecipeConfig, tree)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}" if path else str(e)) from None
-    return recipe.validate(world_size)
+    return recipe.validate(world_size, stage_name)

@@ -11,7 +11,12 @@ if set, else ``runs/sample_data``) and ``${RECIPE_DIR}`` (the recipe file's dire
 ``${SAMPLE_DATA}`` and that directory holds no complete sample data, it is prepared first: by
 local rank 0 of each node, while the node's other ranks wait for it.
 
-Exit status: 0 when the run finished or stopped cleanly on SIGTERM/SIGUSR1 (after a checkpoint),
+Under ``srun`` without torchrun (one task per GPU) the ranks come from SLURM's variables
+(``megatron_phi4/launch/env.py``). A SIGTERM/SIGUSR1 that arrives while the process is still
+starting is kept and stops the run after its first step (``megatron_phi4/launch/stop.py``).
+
+Exit status: 0 when the run finished or stopped cleanly on SIGTERM/SIGUSR1 (after a checkpoint;
+rank 0 then leaves ``<run_dir>/stopped_by_signal`` for the batch script to requeue the job),
 1 on a training error (every rank exits; a rank blocked on a dead peer fails after
 ``parallel.timeout_minutes``), 2 on a configuration error.
 """
@@ -23,6 +28,9 @@ import socket
 import sys
 import traceback
 from pathlib import Path
+
+from megatron_phi4.launch.env import apply_slurm_env
+from megatron_phi4.launch.stop import EarlyStop, clear_stop_marker, write_stop_marker
 
 DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "examples" / "recipes" / "tiny_cpu.yaml"
 DEFAULT_SAMPLE_DIR = "runs/sample_data"
@@ -99,6 +107,17 @@ def _ensure_sample_data(sample_dir: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # launch (megatron_phi4/launch): stop signals are caught from the first instant, SLURM's
+    # environment stands in for torchrun's, and the original signal dispositions come back at the end.
+    early_stop = EarlyStop().install()
+    try:
+        apply_slurm_env()
+        return _main(argv, early_stop)
+    finally:
+        early_stop.restore()
+
+
+def _main(argv: list[str] | None, early_stop: EarlyStop) -> int:
     args = _parser().parse_args(argv)
     _tune_malloc()
     from megatron_phi4.config import ConfigError, load_recipe
@@ -111,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     variables = {"SAMPLE_DATA": sample_dir, "RECIPE_DIR": str(Path(config).resolve().parent)}
     configure_logging(rank)
     try:
-        recipe = load_recipe(config, args.overrides, world_size, variables=variables)
+        recipe = load_recipe(config, args.overrides, world_size, variables=variables, stage_name=args.stage)
         if args.stage is not None:
             recipe.stage(args.stage)
         if _uses_variable(config, args.overrides, "SAMPLE_DATA"):
@@ -134,8 +153,10 @@ def main(argv: list[str] | None = None) -> int:
     if dims.rank == 0:
         print(f"recipe {recipe.name} ({config}), run_dir {recipe.run_dir}, stages "
               f"{' -> '.join(s.name for s in recipe.stages)}", flush=True)
+        clear_stop_marker(recipe.run_dir)  # launch: a stale marker must not requeue this run
     try:
         trainer = Trainer(recipe, dims)
+        _hand_over_early_stop(early_stop, trainer, dims.rank)  # launch: a start-up signal stops after step 1
         summary = trainer.run(args.stage)
     except BaseException as e:  # noqa: BLE001
         print(f"phi4-train: rank {dims.rank}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
@@ -147,9 +168,23 @@ def main(argv: list[str] | None = None) -> int:
         os._exit(1)
     if dims.rank == 0:
         _print_summary(summary)
+        if summary.get("stopped_by_signal"):  # launch: tells examples/slurm/train.sbatch to requeue
+            write_stop_marker(recipe.run_dir, summary)
     if dist.is_initialized():
         dist.destroy_process_group()
     return 0
+
+
+def _hand_over_early_stop(early_stop, trainer, rank: int) -> None:
+    """Route stop signals caught during start-up to the ``stop_signal`` callback's flag (the one its
+    ``should_stop`` all-reduces after every step). A recipe that turned that callback off gets
+    no stop-on-signal at all: say so when a signal was already caught."""
+    target = getattr(trainer.callbacks.get("stop_signal"), "signal", None)
+    if target is not None:
+        early_stop.hand_over(target)
+    elif early_stop.received is not None and rank == 0:
+        print("phi4-train: a stop signal arrived during start-up, but the recipe turned the stop_signal "
+              "callback off: training continues", file=sys.stderr, flush=True)
 
 
 def _print_summary(summary: dict) -> None:
