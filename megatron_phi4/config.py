@@ -151,6 +151,9 @@ class ModelConfig:
     intermediate_size: int = 17920
     norm_eps: float = 1e-5
     rope_theta: float = 250000.0
+    # Tokens per chunk when the training losses apply the LM head (fused with the log-softmax): one
+    # chunk's fp32 logits (chunk x vocab / tp x 4 bytes; 411 MB at 1024 x 100352) is all they hold.
+    logits_chunk_tokens: int = 1024
     max_seq_length: int = 16384
     init_std: float = 0.02
     arch: str = "phi4"  # model spec (megatron_phi4.registry.MODELS): layers, pipeline split, checkpoint names
@@ -177,6 +180,8 @@ class ModelConfig:
                  f"num_kv_heads={self.num_kv_heads}")
         _require(self.rope_theta > 0, f"{prefix}.rope_theta", "must be positive")
         _require(self.norm_eps > 0, f"{prefix}.norm_eps", "must be positive")
+        _require(self.logits_chunk_tokens > 0, f"{prefix}.logits_chunk_tokens",
+                 f"must be positive, got {self.logits_chunk_tokens}")
         _registered(self.arch, f"{prefix}.arch", registry.MODELS)
         _registered(self.backend, f"{prefix}.backend", registry.BACKENDS)
         if check_available:

@@ -1,6 +1,7 @@
 """Losses against their published formulas (fp32, CPU)."""
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -66,3 +67,108 @@ def test_build_loss_from_config():
     assert isinstance(build_loss(LossConfig(type="lm")), LMLoss)
     dpo = build_loss(LossConfig(type="dpo", dpo_beta=0.3))
     assert isinstance(dpo, DPOLoss) and dpo.beta == 0.3
+
+
+# --------------------------------------------------------------------------- the chunked, fused head
+def _head_data(n=37, hidden=16, vocab=512, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, hidden, generator=g)
+    w = torch.randn(vocab, hidden, generator=g) * 0.3
+    targets = torch.randint(0, vocab, (n,), generator=g)
+    targets[[0, 5, 6]] = -100
+    upstream = torch.randn(n, generator=g)
+    return x, w, targets, upstream
+
+
+def _rel(got, ref):
+    return float((got - ref).abs().max() / ref.abs().max())
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 37, 1000])
+def test_chunked_head_log_probs_equal_log_softmax_of_the_whole_logits(chunk):
+    from megatron_phi4.distributed.vocab_parallel import chunked_head_log_probs
+
+    x, w, targets, upstream = _head_data()
+    results = []
+    for fn in (lambda x, w: token_log_probs(x @ w.t(), targets),
+               lambda x, w: chunked_head_log_probs(x, w, targets, chunk_tokens=chunk)):
+        xl, wl = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        logp = fn(xl, wl)
+        (logp * upstream).sum().backward()
+        results.append((logp.detach(), xl.grad, wl.grad))
+    (ref_lp, ref_gx, ref_gw), (lp, gx, gw) = results
+    assert lp.dtype == torch.float32 and torch.all(lp[[0, 5, 6]] == 0)
+    for got, ref in ((lp, ref_lp), (gx, ref_gx), (gw, ref_gw)):
+        assert _rel(got, ref) < 1e-5
+
+
+def test_chunked_head_holds_one_chunk_of_logits_at_a_time():
+    from megatron_phi4.distributed.vocab_parallel import chunked_head_log_probs
+    from tests.tensor_sizes import LargestTensor
+
+    x, w, targets, upstream = _head_data(n=256)
+    x.requires_grad_(True), w.requires_grad_(True)
+    chunk = 32
+    with LargestTensor() as big:
+        (chunked_head_log_probs(x, w, targets, chunk_tokens=chunk) * upstream).sum().backward()
+    # the whole logits would be 256 x 512 = 131072 elements; one chunk is 32 x 512
+    assert big.numel <= chunk * w.shape[0], f"{big.op} made a tensor of {big.numel} elements"
+
+
+def _lm_and_dpo_batches(cfg, seq=12):
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(0, cfg.vocab_size, (4, seq + 1), generator=g)
+    labels = ids[:, 1:].clone()
+    labels[:, :3] = -100
+    mask = (torch.rand(4, seq, generator=g) > 0.3).float() * (labels >= 0)
+    lm = {"input_ids": ids[:, :-1], "labels": labels, "loss_mask": mask,
+          "document_ids": (torch.arange(seq) >= 5).long().expand(4, seq)}
+    dpo = {"input_ids": ids[:, :-1], "labels": labels, "loss_mask": mask,
+           "ref_chosen_logp": torch.tensor([-40.0, -38.0]), "ref_rejected_logp": torch.tensor([-41.0, -36.0]),
+           "weight": torch.tensor([1.0, 2.0])}
+    return lm, dpo
+
+
+@pytest.mark.parametrize("loss_fn", [LMLoss(), DPOLoss(beta=0.1)], ids=["lm", "dpo"])
+def test_losses_from_the_head_equal_losses_from_whole_logits(loss_fn):
+    """The model's head computes log p(labels) in 5-token chunks (forward and backward): the loss
+    and every parameter gradient equal those from the whole logits."""
+    from megatron_phi4.config import model_preset
+    from megatron_phi4.losses import LabelLogProbs, loss_inputs
+    from megatron_phi4.models.phi4.model import build_model
+
+    assert loss_inputs(loss_fn) == "label_log_probs"
+    model = build_model(model_preset("tiny", logits_chunk_tokens=5), seed=0)
+    lm, dpo = _lm_and_dpo_batches(model.config)
+    batch = lm if isinstance(loss_fn, LMLoss) else dpo
+    results = []
+    for chunked in (False, True):
+        model.zero_grad()
+        kw = dict(document_ids=batch.get("document_ids"))
+        if chunked:
+            out = loss_fn(LabelLogProbs(model(batch["input_ids"], labels=batch["labels"], **kw)), batch)
+        else:
+            out = loss_fn(model(batch["input_ids"], **kw), batch)
+        out.loss_sum.backward()
+        results.append((out.loss_sum.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (ref_loss, ref_grads), (loss, grads) = results
+    assert _rel(loss, ref_loss) < 1e-5
+    for name, ref in ref_grads.items():
+        assert _rel(grads[name], ref) < 1e-5, name
+
+
+@pytest.mark.gpu
+def test_chunked_head_in_bf16_on_cuda_matches_whole_logits():
+    from megatron_phi4.distributed.vocab_parallel import chunked_head_log_probs
+
+    x, w, targets, upstream = (t.cuda() for t in _head_data(n=300, hidden=64, vocab=1000))
+    x, w = x.bfloat16(), w.bfloat16()
+    results = []
+    for chunk in (None, 64):
+        xl, wl = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        logp = (token_log_probs(xl @ wl.t(), targets) if chunk is None
+                else chunked_head_log_probs(xl, wl, targets, chunk_tokens=chunk))
+        (logp * upstream).sum().backward()
+        results.append((logp.detach(), xl.grad.float(), wl.grad.float()))
+    for got, ref in zip(*results):
+        assert _rel(got, ref) < 2e-2

@@ -16,7 +16,8 @@ Losses: the schedules call ``loss_fn(output, target)`` with a fixed target tenso
 losses need the whole micro-batch (labels, loss_mask, DPO reference log-probs, weights). The
 "target" handed to the schedule is therefore the micro-batch *index* (``arange(n)`` split into n
 chunks), and the runner's loss callback looks the micro-batch up. ``position_ids`` and
-``document_ids`` travel as keyword arguments, which the schedule gives to every stage.
+``document_ids`` (and ``labels``, when the loss takes label log-probs from the head) travel as
+keyword arguments, which the schedule gives to every stage.
 """
 from __future__ import annotations
 
@@ -107,24 +108,29 @@ class PipelineRunner:
     def _schedule_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return self._loss_cb(output, int(target.reshape(-1)[0].item()))
 
-    def _stage_meta(self, stage_id: int, mb: int, seq: int, train: bool):
-        # Static metadata: requires_grad marks which activations get a gradient sent back.
+    def _stage_meta(self, stage_id: int, mb: int, seq: int, train: bool, inputs: str):
+        # Static metadata: requires_grad marks which activations get a gradient sent back. The last
+        # stage returns this rank's logits shard, or (given the labels) fp32 log p(label) per token.
         hidden = torch.empty(mb, seq // self.seq_divisor, self.hidden_size, dtype=self.act_dtype, device="meta",
                              requires_grad=train)
         inp = torch.empty(mb, seq, dtype=torch.long, device="meta") if stage_id == 0 else hidden
-        out = (torch.empty(mb, seq, self.local_vocab, dtype=self.act_dtype, device="meta", requires_grad=train)
-               if stage_id == self.num_stages - 1 else hidden)
+        if stage_id != self.num_stages - 1:
+            out = hidden
+        elif inputs == "label_log_probs":
+            out = torch.empty(mb, seq, dtype=torch.float32, device="meta", requires_grad=train)
+        else:
+            out = torch.empty(mb, seq, self.local_vocab, dtype=self.act_dtype, device="meta", requires_grad=train)
         return inp, out
 
-    def _get_schedule(self, train: bool, mb: int, seq: int, n_mb: int):
-        key = (train, mb, seq, n_mb)
+    def _get_schedule(self, train: bool, mb: int, seq: int, n_mb: int, inputs: str):
+        key = (train, mb, seq, n_mb, inputs)
         if key in self._cache:
             return self._cache[key]
         from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
 
         stages = []
         for part, sid in zip(self.parts, self.stage_ids):
-            inp, out = self._stage_meta(sid, mb, seq, train)
+            inp, out = self._stage_meta(sid, mb, seq, train, inputs)
             stages.append(PipelineStage(part, sid, self.num_stages, self.device, input_args=inp, output_args=out,
                                         group=self.pp_group))
         cls = schedule_class(self.schedule_name, len(stages))
@@ -140,19 +146,20 @@ class PipelineRunner:
         self._cache[key] = sched
         return sched
 
-    def run(self, microbatches: list[dict[str, torch.Tensor]], loss_cb, train: bool) -> None:
+    def run(self, microbatches: list[dict[str, torch.Tensor]], loss_cb, train: bool, inputs: str = "logits") -> None:
         """Forward (and backward if ``train``) of all micro-batches; ``loss_cb(output, index)`` runs on
-        the last stage and returns the scalar to differentiate."""
+        the last stage and returns the scalar to differentiate. ``inputs``: the last stage's output,
+        "logits" or "label_log_probs" (the labels then travel to every stage like ``position_ids``)."""
         shapes = {tuple(mb["input_ids"].shape) for mb in microbatches}
         if len(shapes) != 1:
             raise ValueError(f"pipeline parallelism needs micro-batches of one shape per step, got {sorted(shapes)}")
         mb_size, seq = shapes.pop()
         n = len(microbatches)
-        sched = self._get_schedule(train, mb_size, seq, n)
+        sched = self._get_schedule(train, mb_size, seq, n, inputs)
         self._loss_cb = loss_cb
         args = (torch.cat([mb["input_ids"] for mb in microbatches]),) if 0 in self.stage_ids else ()
-        kwargs = {k: torch.cat([mb[k] for mb in microbatches]) for k in ("position_ids", "document_ids")
-                  if microbatches[0].get(k) is not None}
+        keys = ("position_ids", "document_ids") + (("labels",) if inputs == "label_log_probs" else ())
+        kwargs = {k: torch.cat([mb[k] for mb in microbatches]) for k in keys if microbatches[0].get(k) is not None}
         target = torch.arange(n, device=self.device)
         try:
             if train:

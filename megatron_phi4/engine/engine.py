@@ -14,6 +14,11 @@ FSDP's row split (``distributed/sharding.py``) to name this rank's rectangles of
 tensors (``local_shards``), to initialize bit-identically to one process, and to count each
 element once in the gradient norm.
 
+What the last stage hands a loss follows the loss's ``inputs`` (``losses/base.py``): for LM and DPO
+the engine passes the labels into the model and the head returns log p(labels) computed a chunk
+of tokens at a time (never the whole logits, also under TP and PP); a loss that reads logits gets
+this rank's vocabulary shard.
+
 Loss scaling contract: every micro-batch's ``loss_sum`` is divided by ``global_units`` (the units of
 the whole global batch: all DP ranks, all micro-batches) before backward, and all gradient
 reductions *sum* (FSDP divide factor 1, SP norm all-reduce, optional DDP-style all-reduce). The
@@ -37,7 +42,7 @@ from megatron_phi4.distributed.sharding import (
     ShardCoordinates, ShardInfo, shard_views, sp_grad_params, tp_replicated_params,
 )
 from megatron_phi4.layers.backend import ParallelContext, build_backend
-from megatron_phi4.losses.base import sequence_log_probs
+from megatron_phi4.losses.base import LabelLogProbs, loss_inputs, sequence_log_probs
 from megatron_phi4.models.spec import ModelSpec, model_spec
 
 
@@ -63,6 +68,10 @@ def global_units(microbatches, loss_fn, dp_group=None, device=None) -> float:
         total = total.to(device) if device is not None else total
         dist.all_reduce(total, group=dp_group)
     return float(total)
+
+
+def _wrap(output: torch.Tensor, inputs: str):
+    return LabelLogProbs(output) if inputs == "label_log_probs" else output
 
 
 class ParallelEngine:
@@ -243,21 +252,24 @@ class ParallelEngine:
                              f"by tp={self.tp}")
         return mb
 
-    def _forward_local(self, mb: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _forward_local(self, mb: dict[str, torch.Tensor], inputs: str) -> torch.Tensor:
+        labels = mb["labels"] if inputs == "label_log_probs" else None
         return self.model_parts[0](mb["input_ids"], position_ids=mb["position_ids"],
-                                   document_ids=mb.get("document_ids"))
+                                   document_ids=mb.get("document_ids"), labels=labels)
 
-    def _run(self, mbs, loss_cb, train: bool) -> None:
+    def _run(self, mbs, loss_cb, train: bool, inputs: str) -> None:
+        """``inputs``: what the last stage hands ``loss_cb`` -- "logits" (this rank's vocabulary shard)
+        or "label_log_probs" (the model is given the labels; its head returns log p(labels))."""
         if self.pp == 1:
             for i, mb in enumerate(mbs):
                 if train:
                     set_grad_sync(self.model_parts, self.sync_grads_every_microbatch or i == len(mbs) - 1)
-                    loss_cb(self._forward_local(mb), i).backward()
+                    loss_cb(self._forward_local(mb, inputs), i).backward()
                 else:
                     with torch.no_grad():
-                        loss_cb(self._forward_local(mb), i)
+                        loss_cb(self._forward_local(mb, inputs), i)
         else:
-            self._runner.run(mbs, loss_cb, train)
+            self._runner.run(mbs, loss_cb, train, inputs)
 
     def _finish_grads(self) -> None:
         params = dict(self.named_parameters())
@@ -270,13 +282,14 @@ class ParallelEngine:
         mbs = [self._prepare(mb) for mb in microbatches]
         records: dict[int, tuple[torch.Tensor, dict[str, torch.Tensor]]] = {}
         scale = 1.0 / float(global_units_)
+        inputs = loss_inputs(loss_fn)
 
-        def loss_cb(logits, i):
-            out = loss_fn(logits, mbs[i], tp_group=self._loss_tp_group)
+        def loss_cb(output, i):
+            out = loss_fn(_wrap(output, inputs), mbs[i], tp_group=self._loss_tp_group)
             records[i] = (out.loss_sum.detach().float(), {k: v.detach().float() for k, v in out.metrics.items()})
             return out.loss_sum * scale
 
-        self._run(mbs, loss_cb, train)
+        self._run(mbs, loss_cb, train, inputs)
         if train:
             self._finish_grads()
         return self._reduce_records(records, loss_fn, global_units_)
@@ -320,18 +333,20 @@ class ParallelEngine:
         """Evaluation: same return value as ``forward_backward``, no gradients."""
         return self._losses(microbatches, loss_fn, global_units, train=False)
 
-    def per_row(self, microbatches, row_fn) -> list[torch.Tensor]:
-        """Forward only; ``row_fn(logits, mb, tp_group) -> (rows,) tensor`` on the last stage for
-        every micro-batch (e.g. summed completion log-probs for DPO references). Returns the
-        per-row values, fp32 on CPU, on every rank of the pipeline."""
+    def per_row(self, microbatches, row_fn, inputs: str = "logits") -> list[torch.Tensor]:
+        """Forward only; ``row_fn(output, mb, tp_group) -> (rows,) tensor`` on the last stage for
+        every micro-batch (e.g. summed completion log-probs for DPO references); ``output`` is what
+        ``inputs`` names (see ``losses/base.py``): "logits" (this rank's vocabulary shard) or
+        "label_log_probs" (a LabelLogProbs of the micro-batch's labels). Returns the per-row values,
+        fp32 on CPU, on every rank of the pipeline."""
         mbs = [self._prepare(mb) for mb in microbatches]
         results: dict[int, torch.Tensor] = {}
 
-        def cb(logits, i):
-            results[i] = row_fn(logits, mbs[i], self._loss_tp_group).detach().float()
-            return logits.new_zeros(())
+        def cb(output, i):
+            results[i] = row_fn(_wrap(output, inputs), mbs[i], self._loss_tp_group).detach().float()
+            return output.new_zeros(())
 
-        self._run(mbs, cb, train=False)
+        self._run(mbs, cb, train=False, inputs=inputs)
         out = [results.get(i, torch.zeros(mb["input_ids"].shape[0], device=self.device)) for i, mb in enumerate(mbs)]
         if self.pp > 1:
             flat = torch.cat(out).contiguous()
@@ -348,7 +363,7 @@ class ParallelEngine:
             mask = (mb["labels"] >= 0).float() if mask is None else mask
             return sequence_log_probs(logits, mb["labels"], mask, tp_group)
 
-        return self.per_row(microbatches, row_fn)
+        return self.per_row(microbatches, row_fn, inputs="label_log_probs")
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float) -> float:

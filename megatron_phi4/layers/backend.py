@@ -65,14 +65,40 @@ class ParallelContext:
         return cls(group, dist.get_world_size(group), dist.get_rank(group), sequence_parallel, amax_group)
 
 
+@dataclass(frozen=True)
+class DocumentSegments:
+    """Packed documents as segments of the flattened ``batch * seq`` tokens (a document is a maximal
+    run of equal ids within a row; rows never share a segment). ``cu_seqlens`` (int32, on the
+    batch's device) is what variable-length kernels take (flash-attention's ``cu_seqlens``);
+    ``bounds`` the same boundaries as Python ints for loops over documents."""
+
+    cu_seqlens: torch.Tensor  # (documents + 1,), starts of each document then batch * seq
+    max_len: int
+    bounds: tuple[tuple[int, int], ...]  # (start, end) in the flattened tokens, one per document
+
+
+def document_segments(document_ids: torch.Tensor) -> DocumentSegments:
+    """Segments of (batch, seq) ``document_ids``: a new document starts at every row and at every
+    change of id. O(batch * seq) work and one host synchronization."""
+    batch, seq = document_ids.shape
+    starts = torch.ones_like(document_ids, dtype=torch.bool)
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    first = starts.reshape(-1).nonzero().squeeze(-1)
+    cu = torch.cat([first, first.new_tensor([batch * seq])])
+    edges = cu.tolist()
+    bounds = tuple(zip(edges[:-1], edges[1:]))
+    return DocumentSegments(cu.to(torch.int32), max(e - s for s, e in bounds), bounds)
+
+
 class AttentionMetadata:
     """What core attention needs to know about the batch, built once per forward pass.
 
-    ``document_ids`` (batch, seq): packed documents (attention never crosses a change of id);
-    None means one document per row. ``past`` is the number of cached positions before the
-    ``seq`` new ones (incremental decoding). Backends derive what their kernel needs from it
-    (a dense mask, a block mask, cu_seqlens) and may cache it here, so it is computed once per
-    forward, not once per layer.
+    ``document_ids`` (batch, seq): packed documents (attention never crosses a change of id: a
+    document is a maximal run of equal ids in a row); None means one document per row. ``past`` is
+    the number of cached positions before the ``seq`` new ones (incremental decoding). Backends
+    derive what their kernel needs from it (plain causal, document segments / ``cu_seqlens``, a
+    bottom-right causal bias) and may cache it here, so it is computed once per forward, not once
+    per layer.
     """
 
     def __init__(self, seq: int, past: int = 0, document_ids: torch.Tensor | None = None,
@@ -86,8 +112,21 @@ class AttentionMetadata:
 
     @property
     def causal_only(self) -> bool:
-        """Plain causal attention over the whole row (no packing, no cache offset to handle)."""
-        return self.document_ids is None and self.past == 0
+        """Plain causal attention over each whole row: no cache offset, and one document per row
+        (``document_ids`` None, or one id per row as SFT/DPO collates give). The check runs once per
+        forward: one comparison over ``batch * seq`` ids and one host synchronization."""
+        if self.past:
+            return False
+        if self.document_ids is None:
+            return True
+        ids = self.document_ids
+        return self.cached("one_document_per_row", lambda: bool((ids == ids[:, :1]).all()))
+
+    def documents(self) -> DocumentSegments:
+        """The packed documents as segments of the flattened tokens (cached; needs ``document_ids``)."""
+        if self.document_ids is None:
+            raise ValueError("documents(): this batch has no document_ids")
+        return self.cached("document_segments", lambda: document_segments(self.document_ids))
 
     def cached(self, key, build):
         if key not in self.cache:
@@ -119,7 +158,13 @@ class LayerBackend(Protocol):
 
     def norm_mlp(self, hidden: int, ffn: int, eps: float) -> nn.Module: ...
 
-    def lm_head(self, hidden: int, vocab_size: int) -> nn.Module: ...
+    def lm_head(self, hidden: int, vocab_size: int) -> nn.Module:
+        """``forward(h)`` -> this rank's vocabulary shard of the logits (generation, losses that
+        want logits), and ``label_log_probs(h, labels, chunk_tokens)`` -> log p(labels) per token,
+        fp32 (batch, seq), full-vocabulary normalized (identical on every TP rank), computed
+        ``chunk_tokens`` tokens at a time in forward *and* backward so that no more than one
+        chunk of logits is ever held (``distributed.vocab_parallel.chunked_head_log_probs`` does
+        it for any head with a plain ``weight``). Labels < 0 give 0."""
 
     # Optional (see the module docstring):
     # def for_layer(self, layer_idx: int, num_layers: int) -> "LayerBackend": ...

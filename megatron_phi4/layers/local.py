@@ -11,7 +11,9 @@ one set of classes serves one process and every layout. Collectives per piece un
 * ``linear(parallel="row")``: all-reduce or reduce-scatter of the partial products;
 * ``embedding``: vocabulary-parallel lookup, reduced (scattered along the sequence under SP);
 * ``lm_head``: prepares its own input and returns this rank's vocabulary shard of the logits
-  (the loss is vocab-parallel and never gathers them).
+  (the loss is vocab-parallel and never gathers them), or -- for the training losses -- log p(labels)
+  with the head fused into a chunked, vocab-parallel log-softmax (``LMHead.label_log_probs``);
+* ``core_attention``: ``layers/attention.py`` (no [S, S] mask on any path).
 """
 from __future__ import annotations
 
@@ -24,9 +26,13 @@ from megatron_phi4.distributed.tensor_parallel import (
     ColumnParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
+    copy_to_tp,
+    gather_from_sp,
     prepare_tp_input,
 )
-from megatron_phi4.layers.backend import AttentionMetadata, ParallelContext
+from megatron_phi4.distributed.vocab_parallel import chunked_head_log_probs
+from megatron_phi4.layers.attention import SDPAttention, document_causal_mask  # noqa: F401 (re-exported)
+from megatron_phi4.layers.backend import ParallelContext
 
 
 class RMSNorm(nn.Module):
@@ -91,48 +97,21 @@ class NormSwiGLU(nn.Module):
         return child_layout(self)
 
 
-class SDPAttention(nn.Module):
-    """Grouped-query attention with ``torch.nn.functional.scaled_dot_product_attention``; query head
-    h reads KV head h // (heads / kv_heads) (``enable_gqa``). Plain causal rows use ``is_causal``;
-    packed documents and chunked decoding use a boolean mask built once per forward."""
+class LMHead(ColumnParallelLinear):
+    """The untied LM head: column-parallel over the vocabulary, no output gather (the losses are
+    vocab-parallel). ``forward(h)`` gives this rank's logits shard; ``label_log_probs`` gives
+    log p(labels) with the head fused into a chunked log-softmax (never the whole logits)."""
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, ctx: ParallelContext):
-        super().__init__()
-        for what, n in (("num_heads", num_heads), ("num_kv_heads", num_kv_heads)):
-            if n % ctx.tp_size:
-                raise ValueError(f"attention: {what}={n} is not divisible by the tensor-parallel size {ctx.tp_size}")
-        self.num_heads, self.num_kv_heads = num_heads // ctx.tp_size, num_kv_heads // ctx.tp_size
-        self.head_dim = head_dim
+    def __init__(self, hidden: int, vocab_size: int, ctx: ParallelContext):
+        super().__init__(hidden, vocab_size, ctx.tp_group, input_mode="gather_seq" if ctx.sequence_parallel else "copy")
 
-    def forward(self, q, k, v, meta: AttentionMetadata) -> torch.Tensor:
-        batch, seq = q.shape[:2]
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # bshd -> bhsd
-        mask = meta.cached("dense_mask", lambda: dense_attention_mask(meta))
-        if mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=seq > 1, enable_gqa=True)
+    def label_log_probs(self, h: torch.Tensor, labels: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
+        if self.input_mode == "gather_seq":  # this rank's positions -> the whole sequence
+            x = gather_from_sp(h, self.group)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-        return out.transpose(1, 2).reshape(batch, seq, -1)
-
-    def param_layout(self):
-        return {}
-
-
-def document_causal_mask(document_ids: torch.Tensor) -> torch.Tensor:
-    """Boolean (batch, 1, seq, seq) mask, True where attention is allowed: causal and within a document."""
-    seq = document_ids.shape[-1]
-    causal = torch.ones(seq, seq, dtype=torch.bool, device=document_ids.device).tril()
-    same_doc = document_ids[:, :, None] == document_ids[:, None, :]
-    return (same_doc & causal)[:, None]
-
-
-def dense_attention_mask(meta: AttentionMetadata) -> torch.Tensor | None:
-    """None for plain causal rows (or one decoded token, which sees everything cached)."""
-    if meta.document_ids is not None:
-        return document_causal_mask(meta.document_ids)
-    if meta.past and meta.seq > 1:  # new queries sit at the end of the key range: bottom-right causal
-        return torch.ones(meta.seq, meta.past + meta.seq, dtype=torch.bool, device=meta.device).tril(diagonal=meta.past)
-    return None
+            x = copy_to_tp(h, self.group)
+        return chunked_head_log_probs(x, self.weight, labels, vocab_start=self.shard_offset, group=self.group,
+                                      chunk_tokens=chunk_tokens)
 
 
 class LocalBackend:
@@ -189,4 +168,4 @@ class LocalBackend:
     def lm_head(self, hidden: int, vocab_size: int) -> nn.Module:
         # Prepares its own input (copy, or the SP all-gather); no output gather: vocab-parallel loss.
         # Never FP8: the logits feed the loss directly (Megatron and torchtitan keep it in bf16 too).
-        return self._linear(hidden, vocab_size, "column")
+        return LMHead(hidden, vocab_size, self.ctx)

@@ -1,8 +1,9 @@
 """Direct preference optimization against a reference (frozen model, or log-probs in the data).
 
-The stage loss of a DPO stage: it turns the last pipeline stage's logits into each row's summed
-completion log-prob with :func:`~megatron_phi4.losses.base.sequence_log_probs` (vocab-parallel
-under TP: the 100352-wide logits are never gathered), then applies the objective named by
+The stage loss of a DPO stage: it turns the per-token label log-probs of the last pipeline stage
+(computed by the head a chunk of tokens at a time, vocab-parallel under TP: the 100352-wide
+logits never exist whole) into each row's summed completion log-prob with
+:func:`~megatron_phi4.losses.base.sequence_log_probs`, then applies the objective named by
 ``loss.dpo_loss_type`` (:mod:`~megatron_phi4.losses.dpo_objectives`, TRL's names and formulas).
 
 Token-level DPO on Pivotal Token Search pairs needs nothing special here: the prompt holds the
@@ -47,6 +48,8 @@ class DPOLoss:
     batch under every TP x PP x DP layout, so the loss depends on ``micro_batch_size`` but not on
     the layout. Sorting detaches losses from pairs, so they refuse weights other than 1.
     """
+
+    inputs = "label_log_probs"  # the head computes them chunk by chunk (losses/base.py)
 
     def __init__(self, beta: float = 0.1, label_smoothing: float = 0.0, loss_type: str = "sigmoid",
                  discopop_tau: float = DEFAULT_DISCOPOP_TAU):

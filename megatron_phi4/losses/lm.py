@@ -16,6 +16,8 @@ def _mask(batch) -> torch.Tensor:
 class LMLoss:
     """Next-token cross entropy over tokens where ``loss_mask`` is 1 (SFT trains only on assistant turns)."""
 
+    inputs = "label_log_probs"  # the head computes them chunk by chunk (losses/base.py)
+
     def __call__(self, logits, batch, tp_group=None) -> LossOutput:
         mask = _mask(batch)
         nll = -token_log_probs(logits, batch["labels"], tp_group)

@@ -24,8 +24,10 @@ from megatron_phi4.config import ModelConfig
 class ModelSpec:
     name: str
     # build(cfg, backend, layer_ids, embedding, head) -> module; forward(tokens_or_hidden, position_ids=,
-    # document_ids=) -> logits (this rank's vocabulary shard) or hidden states; ``checkpoint_layout()``
-    # names its parameters; ``set_rope_theta`` if the model has a RoPE base a stage may change.
+    # document_ids=, labels=) -> logits (this rank's vocabulary shard), or with ``labels`` fp32 log
+    # p(labels) (batch, seq) computed by the head chunk by chunk, or hidden states where the module has
+    # no head; ``checkpoint_layout()`` names its parameters; ``set_rope_theta`` if the model has a RoPE
+    # base a stage may change.
     build: Callable[..., nn.Module]
     global_shapes: Callable[[ModelConfig], dict[str, tuple[int, ...]]]
     init_tensor: Callable[[str, torch.Tensor, ModelConfig, torch.Generator | None], torch.Tensor]

@@ -114,7 +114,7 @@ def test_fp8_model_keeps_names_head_and_first_last_bf16():
     kinds = {i: type(m.layers[str(i)].mlp.down_proj).__name__ for i in range(4)}
     assert kinds == {0: "RowParallelLinear", 1: "Float8RowParallelLinear", 2: "Float8RowParallelLinear",
                      3: "RowParallelLinear"}
-    assert type(m.lm_head).__name__ == "ColumnParallelLinear"
+    assert type(m.lm_head).__name__ == "LMHead"  # the local head (a ColumnParallelLinear), never FP8
     assert type(m.layers["1"].attention.qkv.q_proj).__name__ == "Float8ColumnParallelLinear"
 
 

@@ -14,7 +14,10 @@ MAX_NORM = 0.5  # small enough that clipping is active for the tiny model
 
 
 def tiny_cfg():
-    return model_preset("tiny", num_layers=4)
+    # 5-token logits chunks: every engine run below applies the head in several chunks (crossing row
+    # boundaries), while the single-process reference computes whole logits: the parity suite also
+    # proves the chunked head + loss under every layout.
+    return model_preset("tiny", num_layers=4, logits_chunk_tokens=5)
 
 
 def make_lm_microbatches(n: int, mb_size: int = 1, seq: int = SEQ, seed: int = 0, packed: bool = False):

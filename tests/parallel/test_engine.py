@@ -111,3 +111,47 @@ def test_run_distributed_reports_rank_errors():
     assert run_distributed(lambda r, w, x: (r, w, x), 3, "x") == [(0, 3, "x"), (1, 3, "x"), (2, 3, "x")]
     with pytest.raises(DistributedTestError, match="rank 1: ValueError: rank one fails"):
         run_distributed(_boom, 2, timeout=60)
+
+
+def _logits_vs_label_log_probs(rank, world):
+    from megatron_phi4.config import ParallelConfig
+    from megatron_phi4.distributed.parallel_dims import ParallelDims
+    from megatron_phi4.engine import ParallelEngine
+    from megatron_phi4.losses import LMLoss
+    from tests.parallel._parity import make_lm_microbatches
+
+    class LogitsLM(LMLoss):  # a loss that asks for the logits (this rank's vocabulary shard)
+        inputs = "logits"
+
+    pcfg = ParallelConfig(tp=2, pp=2, pp_schedule="1f1b")
+    dims = ParallelDims.build(pcfg, model_cfg=tiny_cfg())
+    engine = ParallelEngine(tiny_cfg(), pcfg, dims, seed=0)
+    mbs = make_lm_microbatches(4, packed=True)
+    out = {}
+    for loss_fn in (LMLoss(), LogitsLM()):
+        engine.zero_grad()
+        res = engine.forward_backward(mbs, loss_fn, engine.global_units(mbs, loss_fn))
+        out[loss_fn.inputs] = (res["loss"], engine.clip_grad_norm_(0.0))
+    return out
+
+
+def test_logits_and_label_log_prob_losses_agree_under_tp_and_pp():
+    """The last stage returns fp32 label log-probs (static metadata (mb, seq)) or its logits shard
+    ((mb, seq, vocab / tp)), whichever the loss asks for; both train the same."""
+    for r in run_distributed(_logits_vs_label_log_probs, 4):
+        loss, norm = r["label_log_probs"]
+        assert r["logits"][0] == pytest.approx(loss, rel=1e-5)
+        assert r["logits"][1] == pytest.approx(norm, rel=1e-5)
+
+
+def test_last_stage_static_metadata_follows_what_the_loss_reads():
+    from megatron_phi4.distributed.pipeline import PipelineRunner
+
+    runner = PipelineRunner([], [], 2, None, "1f1b", torch.device("cpu"), hidden_size=8, local_vocab=50,
+                            seq_divisor=2, act_dtype=torch.bfloat16)
+    _, out = runner._stage_meta(1, 3, 16, True, "label_log_probs")
+    assert (tuple(out.shape), out.dtype, out.requires_grad) == ((3, 16), torch.float32, True)
+    _, out = runner._stage_meta(1, 3, 16, False, "logits")
+    assert (tuple(out.shape), out.dtype) == ((3, 16, 50), torch.bfloat16)
+    inp, out = runner._stage_meta(0, 3, 16, True, "label_log_probs")  # not the last stage: hidden states
+    assert tuple(inp.shape) == (3, 16) and tuple(out.shape) == (3, 8, 8)

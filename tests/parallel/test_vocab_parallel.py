@@ -63,3 +63,43 @@ def LMLoss_ref(logits, targets):
     from megatron_phi4.losses import LMLoss
 
     return LMLoss()(logits, {"labels": targets, "loss_mask": torch.ones(B, S)}).loss_sum
+
+
+# ------------------------------------------------------------------ the head fused and chunked, under TP
+N, H, VH = 23, 8, 64  # tokens, hidden, vocabulary of the head tests
+
+
+def _head_data():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(N, H, generator=g)
+    w = torch.randn(VH, H, generator=g) * 0.5
+    targets = torch.randint(0, VH, (N,), generator=g)
+    targets[[2, 9]] = -100
+    return x, w, targets, torch.randn(N, generator=g)
+
+
+def _head_sharded(rank, world, chunk):
+    from megatron_phi4.distributed.tensor_parallel import copy_to_tp
+    from megatron_phi4.distributed.vocab_parallel import chunked_head_log_probs
+
+    x, w, targets, upstream = _head_data()
+    x.requires_grad_(True)
+    local = VH // world
+    shard = w[rank * local:(rank + 1) * local].clone().requires_grad_(True)
+    group = dist.group.WORLD
+    logp = chunked_head_log_probs(copy_to_tp(x, group), shard, targets, vocab_start=rank * local, group=group,
+                                  chunk_tokens=chunk)
+    (logp * upstream).sum().backward()  # copy_to_tp's backward sums the input gradient over the ranks
+    return logp.detach(), x.grad, shard.grad
+
+
+@pytest.mark.parametrize("chunk", [4, 100])
+def test_chunked_head_under_tp2_equals_unsharded_whole_logits(chunk):
+    x, w, targets, upstream = _head_data()
+    x.requires_grad_(True), w.requires_grad_(True)
+    logp = torch.log_softmax(x @ w.t(), -1).gather(-1, targets.clamp(min=0)[:, None])[:, 0].masked_fill(targets < 0, 0)
+    (logp * upstream).sum().backward()
+    for rank, (got, gx, gw) in enumerate(run_distributed(_head_sharded, 2, chunk)):
+        torch.testing.assert_close(got, logp.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(gx, x.grad, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(gw, w.grad.chunk(2)[rank], rtol=1e-5, atol=1e-6)

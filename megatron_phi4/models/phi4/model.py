@@ -122,8 +122,10 @@ class Phi4Model(nn.Module):
         position_ids: torch.Tensor | None = None,
         document_ids: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
+        labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits (batch, seq, vocab) -- or hidden states where this module lacks the head.
+        """Logits (batch, seq, vocab) -- or hidden states where this module lacks the head; with
+        ``labels``, log p(labels) instead of the logits.
 
         tokens: token ids (batch, seq), or hidden states (batch, seq, hidden) on a pipeline stage
             without the embedding.
@@ -133,6 +135,10 @@ class Phi4Model(nn.Module):
             crosses a change of id. None means one document per row.
         kv_cache: incremental decoding state; the new keys/values are appended and the cache
             advanced by ``seq``.
+        labels: (batch, seq) next-token ids (< 0: ignored). Where this module has the head, it returns
+            log p(labels) per token, fp32 (batch, seq), full-vocabulary normalized even under tensor
+            parallelism, computed by the head ``config.logits_chunk_tokens`` tokens at a time (forward
+            and backward): the training losses never hold more than one chunk of logits.
         """
         h = self.embed_tokens(tokens) if self.embed_tokens is not None else tokens
         batch = h.shape[0]
@@ -150,6 +156,8 @@ class Phi4Model(nn.Module):
         if self.norm is not None:
             h = self.norm(h)
         if self.lm_head is not None:
+            if labels is not None:
+                return self.lm_head.label_log_probs(h, labels, self.config.logits_chunk_tokens)
             h = self.lm_head(h)
         return h
 
