@@ -54,6 +54,93 @@ def parse_count(value: int | float | str, name: str = "value") -> int:
 
 
 # --------------------------------------------------------------------------- model
+# FP8 recipes per layer backend. local: torchao's float8 training (dynamic scaling from the current
+# tensor: one scale per tensor, or per row with power-of-two scales). te: Transformer Engine's recipes
+# (DelayedScaling, Float8CurrentScaling, Float8BlockScaling, MXFP8BlockScaling); which GPU each needs
+# is checked when the backend is built (see docs/backends.md).
+FP8_RECIPES: dict[str, tuple[str, ...]] = {
+    "local": ("tensorwise", "rowwise"),
+    "te": ("delayed", "tensorwise", "blockwise", "mxfp8"),
+}
+FP8_FORMATS = ("auto", "hybrid", "e4m3")  # te only: E4M3 everywhere, or E4M3 forward / E5M2 gradients
+FP8_AMAX_REDUCTION = ("tp_dp", "tp")  # te: the group amaxes are reduced over (Megatron's default: TP x DP)
+
+
+@dataclass
+class FP8Config:
+    """``model.fp8``: train the decoder layers' linear layers in FP8 (one switch for every backend).
+
+    ``recipe``: how scales are chosen (allowed values depend on ``model.backend``: FP8_RECIPES).
+    ``keep_first_last_bf16``: the first and the last ``bf16_layers`` decoder layers stay in the
+    higher precision (their activations are the least regular); the embedding and the LM head never
+    run in FP8. ``amax_history_len`` / ``amax_compute_algo``: delayed scaling only (te).
+    ``amax_reduction``: te only, the group amaxes are all-reduced over ("tp_dp", Megatron's
+    default, keeps every scale identical on all replicas; "tp" reduces only what sharding needs).
+    ``format``: te only; "auto" is E4M3 forward / E5M2 gradients (HYBRID), E4M3 for mxfp8.
+    """
+
+    enabled: bool = False
+    recipe: str = "tensorwise"
+    keep_first_last_bf16: bool = False
+    bf16_layers: int = 1  # layers kept in bf16 at each end when keep_first_last_bf16
+    amax_history_len: int | None = None  # delayed only; None: 1024 (TE's default)
+    amax_compute_algo: str | None = None  # delayed only: "max" | "most_recent"; None: "max"
+    amax_reduction: str = "tp_dp"
+    format: str = "auto"
+
+    def validate(self, backend: str, num_layers: int, prefix: str = "model.fp8", check_available: bool = True) -> None:
+        _choice(self.amax_reduction, f"{prefix}.amax_reduction", FP8_AMAX_REDUCTION)
+        _choice(self.format, f"{prefix}.format", FP8_FORMATS)
+        _require(self.bf16_layers >= 1, f"{prefix}.bf16_layers", f"must be >= 1, got {self.bf16_layers}")
+        if self.amax_compute_algo is not None:
+            _choice(self.amax_compute_algo, f"{prefix}.amax_compute_algo", ("max", "most_recent"))
+        if self.amax_history_len is not None:
+            _require(self.amax_history_len >= 1, f"{prefix}.amax_history_len",
+                     f"must be >= 1, got {self.amax_history_len}")
+        if not self.enabled:
+            return
+        allowed = FP8_RECIPES.get(backend)
+        _require(allowed is not None, f"{prefix}.enabled",
+                 f"model.backend {backend!r} has no FP8 path; FP8 works with: {', '.join(FP8_RECIPES)}")
+        if self.recipe not in allowed:
+            others = [b for b, r in FP8_RECIPES.items() if self.recipe in r]
+            hint = f" ({self.recipe!r} needs model.backend {' or '.join(map(repr, others))})" if others else ""
+            raise ConfigError(f"{prefix}.recipe: got {self.recipe!r} with model.backend {backend!r}, allowed: "
+                              f"{', '.join(map(repr, allowed))}{hint}")
+        if self.recipe != "delayed":
+            for f in ("amax_history_len", "amax_compute_algo"):
+                _require(getattr(self, f) is None, f"{prefix}.{f}",
+                         f"only delayed scaling keeps an amax history; recipe {self.recipe!r} scales from the "
+                         f"current tensor (remove the field)")
+        if backend == "local":
+            _require(self.format == "auto", f"{prefix}.format",
+                     "the local backend takes its formats from torchao's recipe (tensorwise: E4M3 forward, E5M2 "
+                     "gradients; rowwise: E4M3); 'format' applies to model.backend 'te' only")
+            _require(self.amax_reduction == "tp_dp", f"{prefix}.amax_reduction",
+                     "the local backend scales from the current tensor and reduces amaxes over the "
+                     "tensor-parallel group exactly where a tensor is sharded; 'amax_reduction' applies to "
+                     "model.backend 'te' only")
+        if self.recipe == "mxfp8":
+            _require(self.format in ("auto", "e4m3"), f"{prefix}.format", "MXFP8 block scaling uses E4M3 only")
+        if self.keep_first_last_bf16:
+            # Megatron refuses this too: per-layer autocast regions break delayed scaling's amax reduction.
+            _require(self.recipe != "delayed", f"{prefix}.keep_first_last_bf16",
+                     "delayed scaling reduces amaxes when its one autocast region exits; layers kept in "
+                     "bf16 need per-layer regions. Use recipe 'tensorwise' (or 'mxfp8'/'blockwise')")
+            _require(2 * self.bf16_layers < num_layers, f"{prefix}.bf16_layers",
+                     f"{self.bf16_layers} layers at each end leave no FP8 layer in a {num_layers}-layer model")
+        if backend == "local" and check_available:
+            reason = registry.module_requirement("torchao", "pip install torchao (a version matching your torch)")()
+            _require(reason is None, f"{prefix}.enabled", f"FP8 on the local backend uses torchao: {reason}")
+
+    def bf16_layer(self, layer_idx: int, num_layers: int) -> bool:
+        """Whether decoder layer ``layer_idx`` stays in bf16 (FP8 off, or one of the kept end layers)."""
+        if not self.enabled:
+            return True
+        n = self.bf16_layers if self.keep_first_last_bf16 else 0
+        return layer_idx < n or layer_idx >= num_layers - n
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int = 100352
@@ -67,14 +154,18 @@ class ModelConfig:
     max_seq_length: int = 16384
     init_std: float = 0.02
     arch: str = "phi4"  # model spec (megatron_phi4.registry.MODELS): layers, pipeline split, checkpoint names
-    # Which layer classes build the model (megatron_phi4.registry.BACKENDS): "local" = plain PyTorch.
+    # Which layer classes build the model (megatron_phi4.registry.BACKENDS): "local" = plain PyTorch,
+    # "te" = Transformer Engine (NGC containers). Checkpoint names do not depend on it.
     backend: str = "local"
+    fp8: FP8Config = field(default_factory=FP8Config)
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
-    def validate(self, prefix: str = "model") -> None:
+    def validate(self, prefix: str = "model", check_available: bool = True) -> None:
+        """``check_available``: also require the backend's libraries on this machine (False when
+        reading a checkpoint's config, which may have been trained on another backend)."""
         for f in ("vocab_size", "hidden_size", "num_layers", "num_attention_heads", "num_kv_heads",
                   "intermediate_size", "max_seq_length"):
             _require(getattr(self, f) > 0, f"{prefix}.{f}", f"must be positive, got {getattr(self, f)}")
@@ -88,6 +179,16 @@ class ModelConfig:
         _require(self.norm_eps > 0, f"{prefix}.norm_eps", "must be positive")
         _registered(self.arch, f"{prefix}.arch", registry.MODELS)
         _registered(self.backend, f"{prefix}.backend", registry.BACKENDS)
+        if check_available:
+            reason = registry.BACKENDS.unavailable_reason(self.backend)
+            _require(reason is None, f"{prefix}.backend", f"{self.backend!r} cannot be used here: {reason}")
+        if self.fp8.enabled:
+            # FP8 GEMMs (cuBLASLt, torch._scaled_mm, TE) need the inner and outer sizes to be multiples of 16.
+            for what, n in (("hidden_size", self.hidden_size), ("intermediate_size", self.intermediate_size),
+                            ("num_kv_heads * head_dim", self.num_kv_heads * self.head_dim)):
+                _require(n % 16 == 0, f"{prefix}.fp8.enabled", f"FP8 matrix products need {what} = {n} to be a "
+                                                               f"multiple of 16")
+        self.fp8.validate(self.backend, self.num_layers, f"{prefix}.fp8", check_available)
 
 
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
@@ -274,6 +375,10 @@ class LossConfig:
     dpo_loss_type: str = "sigmoid"  # TRL's DPOConfig.loss_type names, plus cdpo (smoothed sigmoid)
     dpo_label_smoothing: float = 0.0  # robust, exo_pair (needs > 0), aot, aot_unpaired, cdpo only
     dpo_discopop_tau: float = 0.05  # discopop's temperature (TRL's default)
+    # Where the reference log-probs come from: "model" (a frozen copy of the stage's initial weights
+    # runs beside the policy) or "precomputed" (tools/precompute_ref_logprobs.py wrote them beside the
+    # preference data; checked against the stage's initial checkpoint by its fingerprint).
+    dpo_reference: str = "model"
 
     DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "sppo_hard", "aot",
                       "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm", "cdpo")
@@ -291,6 +396,7 @@ class LossConfig:
         _require(self.dpo_loss_type != "exo_pair" or self.dpo_label_smoothing > 0,
                  f"{prefix}.dpo_label_smoothing", "dpo_loss_type 'exo_pair' needs label smoothing > 0 (e.g. 1e-3)")
         _require(self.dpo_discopop_tau > 0, f"{prefix}.dpo_discopop_tau", "must be positive")
+        _choice(self.dpo_reference, f"{prefix}.dpo_reference", ("model", "precomputed"))
 
 
 # --------------------------------------------------------------------------- callbacks
@@ -345,6 +451,8 @@ class StageConfig:
         if self.loss.type == "dpo":
             _require(self.data.kind in ("preference", "synthetic"), f"{prefix}.data.kind",
                      f"a DPO loss needs preference data, got {self.data.kind!r}")
+            _require(self.loss.dpo_reference == "model" or self.data.kind == "preference",
+                     f"{prefix}.loss.dpo_reference", "'precomputed' needs preference data files (their sidecars)")
 
     def num_steps(self) -> int:
         if self.train_steps is not None:

@@ -21,23 +21,68 @@ class UnknownEntryError(ValueError):
     """A name that is not registered; the message names the field and the allowed names."""
 
 
+class UnavailableEntryError(ValueError):
+    """A registered name whose requirements (an optional library, hardware) are missing here."""
+
+
+def module_requirement(module: str, hint: str) -> Callable[[], str | None]:
+    """A check that ``module`` is importable, found without importing it (config time stays cheap)."""
+    def check() -> str | None:
+        import importlib.util
+
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        return None if found else f"the Python package {module!r} is not installed ({hint})"
+    check.__qualname__ = f"requires_{module}"
+    return check
+
+
 class Registry:
-    def __init__(self, field: str, entries: dict[str, Any] | None = None):
+    def __init__(self, field: str, entries: dict[str, Any] | None = None,
+                 requirements: dict[str, Callable[[], str | None] | str] | None = None):
         self.field = field  # the config field whose values this registry holds, for messages
         self._entries: dict[str, Any] = dict(entries or {})
+        # name -> check (or lazy "module:attr" of one) returning None when the entry can be used on
+        # this machine, else the reason it cannot (a library that is not installed, ...)
+        self._requirements: dict[str, Any] = dict(requirements or {})
 
-    def register(self, name: str, obj: Any = None, *, override: bool = False) -> Any:
+    def register(self, name: str, obj: Any = None, *, override: bool = False,
+                 requires: Callable[[], str | None] | str | None = None) -> Any:
         """Register ``obj`` (or a ``"module:attr"`` string) under ``name``; without ``obj``, returns a
-        decorator. Re-registering a name is an error unless ``override``."""
+        decorator. Re-registering a name is an error unless ``override``. ``requires``: a cheap check
+        (or its ``"module:attr"``) returning None if the entry is usable here, else why not; it runs at
+        configuration time, so it must not import the entry's heavy dependencies."""
         if obj is None:
             def decorator(o):
-                self.register(name, o, override=override)
+                self.register(name, o, override=override, requires=requires)
                 return o
             return decorator
         if name in self._entries and not override and self._entries[name] is not obj:
             raise ValueError(f"{self.field}: {name!r} is already registered (pass override=True to replace it)")
         self._entries[name] = obj
+        if requires is not None:
+            self._requirements[name] = requires
         return obj
+
+    def unavailable_reason(self, name: str) -> str | None:
+        """None if the registered entry ``name`` can be used on this machine, else the reason."""
+        check = self._requirements.get(name)
+        if check is None:
+            return None
+        if isinstance(check, str):
+            module, _, attr = check.partition(":")
+            check = getattr(importlib.import_module(module), attr)
+            self._requirements[name] = check
+        return check()
+
+    def check_available(self, name: str, field: str | None = None) -> None:
+        """``check`` plus the entry's availability on this machine (UnavailableEntryError)."""
+        self.check(name, field)
+        reason = self.unavailable_reason(name)
+        if reason:
+            raise UnavailableEntryError(f"{field or self.field}: {name!r} cannot be used here: {reason}")
 
     def names(self) -> tuple[str, ...]:
         return tuple(self._entries)
@@ -84,8 +129,14 @@ DATA_KINDS = Registry("data.kind", {
 })
 
 # Layer backends (``model.backend``): classes taking a ParallelContext and implementing megatron_phi4.layers.backend.LayerBackend.
+# "te" (Transformer Engine) needs the transformer_engine package, which NVIDIA ships in its NGC PyTorch
+# containers; without it the recipe fails at configuration time, not when the model is built.
 BACKENDS = Registry("model.backend", {
     "local": "megatron_phi4.layers.local:LocalBackend",
+    "te": "megatron_phi4.layers.te:TEBackend",
+}, requirements={
+    "te": module_requirement("transformer_engine", "Transformer Engine ships in NVIDIA's NGC PyTorch containers "
+                             "(nvcr.io/nvidia/pytorch); elsewhere use model.backend: local"),
 })
 
 # Pipeline schedules (``parallel.pp_schedule``): torch.distributed.pipelining classes.

@@ -18,7 +18,6 @@ Exit status: 0 when the run finished or stopped cleanly on SIGTERM/SIGUSR1 (afte
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import socket
 import sys
@@ -58,13 +57,6 @@ def _tune_malloc() -> None:
         libc.mallopt(-1, 1 << 31)  # M_TRIM_THRESHOLD
     except (OSError, AttributeError):
         pass
-
-
-def _configure_logging(rank: int) -> None:
-    """The library logs one line per verb (apply_fsdp, pipeline schedule, ...): shown on rank 0,
-    warnings and errors only on the other ranks. ``PHI4_LOG_LEVEL`` overrides the level."""
-    level = os.environ.get("PHI4_LOG_LEVEL", "INFO" if rank == 0 else "WARNING").upper()
-    logging.basicConfig(level=level, format=f"[rank {rank}] %(levelname)s %(name)s: %(message)s", force=True)
 
 
 def _uses_variable(config: str, overrides: list[str], name: str) -> bool:
@@ -110,13 +102,14 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _tune_malloc()
     from megatron_phi4.config import ConfigError, load_recipe
+    from megatron_phi4.logs import configure_logging
 
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
     config = args.config if args.config is not None else str(DEFAULT_RECIPE)
     sample_dir = os.environ.get("SAMPLE_DATA", DEFAULT_SAMPLE_DIR)
     variables = {"SAMPLE_DATA": sample_dir, "RECIPE_DIR": str(Path(config).resolve().parent)}
-    _configure_logging(rank)
+    configure_logging(rank)
     try:
         recipe = load_recipe(config, args.overrides, world_size, variables=variables)
         if args.stage is not None:
@@ -171,10 +164,12 @@ def _print_summary(summary: dict) -> None:
             if s.get(key) is not None:
                 parts.append(fmt.format(s[key]))
         if s.get("stopped"):
-            parts.append("STOPPED by signal (checkpoint saved)")
+            parts.append(f"STOPPED: {s['stopped']}")
         lines.append(f"  {name}: " + ", ".join(parts))
     if summary.get("stopped_by_signal"):
         lines.append("  run stopped cleanly on a signal; rerun the same command to resume")
+    elif summary.get("stop_reason"):
+        lines.append(f"  run stopped by a callback: {summary['stop_reason']}")
     lines.append(f"  total {summary.get('global_step', 0)} steps in {summary.get('wall_s', 0):.1f}s"
                  f" (run {summary.get('run_id')})")
     run_dir = summary.get("run_dir")

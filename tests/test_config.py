@@ -1,6 +1,7 @@
 """Recipe loading, dotted overrides and validation: every error names the offending field."""
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import pytest
@@ -170,3 +171,56 @@ def test_checkpoint_section_is_validated():
         CheckpointConfig(async_save=True).validate()
     with pytest.raises(ConfigError, match=r"checkpoint\.keep_last"):
         CheckpointConfig(keep_last=0).validate()
+
+
+# --------------------------------------------------------------------------- model.fp8
+def _fp8(backend="local", **fp8):
+    from megatron_phi4.config import FP8Config, model_preset
+
+    return dataclasses.replace(model_preset("tiny", num_layers=4), backend=backend,
+                               fp8=FP8Config(enabled=True, **fp8))
+
+
+@pytest.mark.parametrize("backend,fp8,match", [
+    ("local", dict(recipe="delayed"), r"model\.fp8\.recipe: got 'delayed' with model\.backend 'local', allowed: "
+                                      r"'tensorwise', 'rowwise' \('delayed' needs model\.backend 'te'\)"),
+    ("local", dict(recipe="mxfp8"), r"model\.fp8\.recipe: .*'mxfp8' needs model\.backend 'te'"),
+    ("te", dict(recipe="rowwise"), r"model\.fp8\.recipe: got 'rowwise' with model\.backend 'te'.*needs model\.backend 'local'"),
+    ("local", dict(recipe="tensorwise", amax_history_len=16), r"model\.fp8\.amax_history_len: only delayed"),
+    ("local", dict(format="e4m3"), r"model\.fp8\.format: the local backend"),
+    ("local", dict(amax_reduction="tp"), r"model\.fp8\.amax_reduction: the local backend"),
+    ("te", dict(recipe="delayed", keep_first_last_bf16=True), r"model\.fp8\.keep_first_last_bf16: delayed scaling"),
+    ("local", dict(keep_first_last_bf16=True, bf16_layers=2), r"model\.fp8\.bf16_layers: 2 layers at each end"),
+    ("local", dict(amax_reduction="all"), r"model\.fp8\.amax_reduction: got 'all', allowed: 'tp_dp', 'tp'"),
+    ("te", dict(recipe="mxfp8", format="hybrid"), r"model\.fp8\.format: MXFP8 block scaling uses E4M3 only"),
+])
+def test_fp8_config_errors(backend, fp8, match):
+    cfg = _fp8(backend, **fp8)
+    with pytest.raises(ConfigError, match=match):
+        cfg.fp8.validate(cfg.backend, cfg.num_layers)  # the FP8 rules, whatever is installed here
+
+
+def test_fp8_config_from_yaml_and_layer_choice():
+    from megatron_phi4.config import FP8Config, ModelConfig, from_dict
+
+    cfg = from_dict(ModelConfig, {"preset": "tiny", "num_layers": 6,
+                                  "fp8": {"enabled": True, "recipe": "rowwise", "keep_first_last_bf16": True,
+                                          "bf16_layers": 2}}, "model")
+    cfg.validate()
+    assert [cfg.fp8.bf16_layer(i, 6) for i in range(6)] == [True, True, False, False, True, True]
+    assert not FP8Config(enabled=True).bf16_layer(0, 6) and FP8Config().bf16_layer(3, 6)
+    with pytest.raises(ConfigError, match=r"model\.fp8\.recipee: unknown field"):
+        from_dict(ModelConfig, {"fp8": {"recipee": "x"}}, "model")
+    bad = dataclasses.replace(cfg, intermediate_size=120)
+    with pytest.raises(ConfigError, match=r"model\.fp8\.enabled: FP8 matrix products need intermediate_size = 120"):
+        bad.validate()
+
+
+def test_registry_requirements_are_checked_at_config_time():
+    from megatron_phi4.registry import BACKENDS, Registry, UnavailableEntryError
+
+    reg = Registry("thing.kind", {"a": object()}, requirements={"a": lambda: "needs a unicorn"})
+    assert reg.unavailable_reason("a") == "needs a unicorn"
+    with pytest.raises(UnavailableEntryError, match=r"thing\.kind: 'a' cannot be used here: needs a unicorn"):
+        reg.check_available("a")
+    assert BACKENDS.unavailable_reason("local") is None

@@ -155,12 +155,16 @@ def read_meta(ckpt_dir: str | os.PathLike) -> dict:
 
 
 def model_config_from_meta(meta: dict):
-    """The ModelConfig stored in a checkpoint's meta (validated; unknown fields are an error)."""
+    """The ModelConfig stored in a checkpoint's meta (validated; unknown fields are an error).
+
+    Its ``backend`` / ``fp8`` say how the model was trained; they are not required to be usable on
+    this machine (checkpoint names are the same for every backend: a checkpoint trained with
+    Transformer Engine on GPUs loads into the local backend anywhere, see ``api.load_model``)."""
     from megatron_phi4.config import ConfigError, ModelConfig, from_dict
 
     try:
         cfg = from_dict(ModelConfig, meta["model"], "model")
-        cfg.validate("model")
+        cfg.validate("model", check_available=False)
     except ConfigError as e:
         raise CheckpointError(f"meta.json: invalid model config: {e}") from None
     return cfg
@@ -298,6 +302,18 @@ def _model_dir(ckpt_dir: str | os.PathLike) -> Path:
     if not (model_dir / ".metadata").is_file():
         raise CheckpointError(f"{ckpt_dir}: the model weights are missing ({MODEL_DIR}/.metadata not found)")
     return model_dir
+
+
+def checkpoint_fingerprint(ckpt_dir: str | os.PathLike) -> str:
+    """A short hash identifying a checkpoint's weights: its model config and its ``model/`` DCP
+    metadata (tensor names, shapes, dtypes and where each chunk lives). Two saves of the same
+    weights may differ; a different checkpoint always does. Reads two small files."""
+    import hashlib
+
+    ckpt_dir = resolve_checkpoint(ckpt_dir)
+    h = hashlib.sha256(json.dumps(read_meta(ckpt_dir)["model"], sort_keys=True).encode())
+    h.update((_model_dir(ckpt_dir) / ".metadata").read_bytes())
+    return h.hexdigest()[:24]
 
 
 def checkpoint_tensor_meta(ckpt_dir: str | os.PathLike) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:

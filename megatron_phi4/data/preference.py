@@ -29,7 +29,7 @@ import numpy as np
 from megatron_phi4.tokenizer import PAD_ID, PHI4_VOCAB_SIZE as VOCAB_SIZE
 
 __all__ = ["PreferenceDataError", "PreferenceDataset", "validate_record", "collate_preference",
-           "write_preference_binary"]
+           "write_preference_binary", "ref_logps_path", "write_ref_logps", "read_ref_logps"]
 
 _KEYS = {"prompt_ids", "chosen_ids", "rejected_ids", "weight", "ref_chosen_logp",
          "ref_rejected_logp", "source"}
@@ -157,13 +157,45 @@ class _Binary:
                 "ref_rejected_logp": float(m[2]), "source": self.sources[i]}
 
 
+# --------------------------------------------------------------------------- reference log-probs
+def ref_logps_path(data_path: str) -> str:
+    """Where precomputed reference log-probs of a preference file/prefix live: beside it."""
+    return str(data_path) + ".ref_logps.npz"
+
+
+def write_ref_logps(data_path: str, chosen: np.ndarray, rejected: np.ndarray, meta: dict) -> str:
+    """Write ``chosen``/``rejected`` (one float per pair, in the file's pair order) and ``meta``
+    (the reference model's fingerprint, sequence length, ...) beside ``data_path``, atomically."""
+    out = ref_logps_path(data_path)
+    tmp = out + f".tmp-{os.getpid()}.npz"
+    np.savez(tmp, chosen=np.asarray(chosen, np.float64), rejected=np.asarray(rejected, np.float64),
+             meta=np.array(json.dumps(meta, sort_keys=True)))
+    os.replace(tmp, out)
+    return out
+
+
+def read_ref_logps(data_path: str):
+    """``(chosen, rejected, meta)`` from ``data_path``'s sidecar; PreferenceDataError if absent."""
+    path = ref_logps_path(data_path)
+    if not os.path.isfile(path):
+        raise PreferenceDataError(f"{path}: no precomputed reference log-probs for {data_path} (run "
+                                  f"tools/precompute_ref_logprobs.py, or use loss.dpo_reference: model)")
+    with np.load(path) as z:
+        return z["chosen"], z["rejected"], json.loads(str(z["meta"]))
+
+
 class PreferenceDataset:
     """Pairs from JSONL files and/or binary prefixes (``PREFIX_prompt.idx`` present), validated
     on load (``file:line: field: reason``). ``ds[i]`` -> ``prompt_ids``/``chosen_ids``/
     ``rejected_ids`` (int64 tensors), ``weight``, ``ref_chosen_logp``, ``ref_rejected_logp``
-    (float tensors, NaN when absent) and ``source`` (str)."""
+    (float tensors, NaN when absent) and ``source`` (str).
 
-    def __init__(self, paths: Union[str, Sequence[str]], vocab_size: int = VOCAB_SIZE) -> None:
+    ``ref_logps=True``: the reference log-probs come from each path's sidecar
+    (:func:`read_ref_logps`, written by tools/precompute_ref_logprobs.py), which must cover every
+    pair; ``self.ref_meta`` lists each sidecar's metadata."""
+
+    def __init__(self, paths: Union[str, Sequence[str]], vocab_size: int = VOCAB_SIZE,
+                 ref_logps: bool = False) -> None:
         if isinstance(paths, (str, os.PathLike)):
             paths = [paths]
         self.parts: List = []
@@ -176,6 +208,18 @@ class PreferenceDataset:
                 raise PreferenceDataError(f"{p}: neither a JSONL file nor a binary prefix "
                                           f"({p}_prompt.idx)")
         self.offsets = np.cumsum([0] + [len(x) for x in self.parts])
+        self.ref = None
+        self.ref_meta: List[dict] = []
+        if ref_logps:
+            arrays = []
+            for p, part in zip(map(str, paths), self.parts):
+                chosen, rejected, meta = read_ref_logps(p)
+                if len(chosen) != len(part) or len(rejected) != len(part):
+                    raise PreferenceDataError(f"{ref_logps_path(p)}: {len(chosen)} reference log-probs for "
+                                              f"{len(part)} pairs; recompute them")
+                arrays.append(np.stack([chosen, rejected], axis=1))
+                self.ref_meta.append({"path": p, **meta})
+            self.ref = np.concatenate(arrays) if arrays else np.zeros((0, 2))
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -184,7 +228,10 @@ class PreferenceDataset:
         if not 0 <= idx < len(self):
             raise IndexError(f"pair {idx} out of range for {len(self)} pairs")
         f = int(np.searchsorted(self.offsets, idx, side="right") - 1)
-        return self.parts[f][idx - int(self.offsets[f])]
+        rec = self.parts[f][idx - int(self.offsets[f])]
+        if self.ref is not None:
+            rec = {**rec, "ref_chosen_logp": float(self.ref[idx, 0]), "ref_rejected_logp": float(self.ref[idx, 1])}
+        return rec
 
     def __getitem__(self, idx: int) -> dict:
         import torch

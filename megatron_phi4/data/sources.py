@@ -71,6 +71,7 @@ class SourceRequest:
     eod_id: int
     cache_dir: Optional[str]
     vocab_size: int
+    ref_logps: bool = False  # preference: read precomputed reference log-probs from sidecars
 
     @property
     def seed(self) -> int:
@@ -115,7 +116,9 @@ class _LMCollate:
         return {k: out[k] for k in LM_KEYS}
 
 
-class _PreferenceCollate:
+class PreferenceCollate:
+    """Preference micro-batches of exactly ``seq_length`` columns (the pipeline needs one shape)."""
+
     def __init__(self, pad_id: int, seq_length: int) -> None:
         self.pad_id, self.seq_length = pad_id, seq_length
 
@@ -182,7 +185,7 @@ class SyntheticSource(StageSource):
         self.preference = preference
         self.kind = "preference" if preference else "lm"
         self.pad_id = pad_id
-        self.collate = (_PreferenceCollate(pad_id, self.seq_length) if preference
+        self.collate = (PreferenceCollate(pad_id, self.seq_length) if preference
                         else _LMCollate(pad_id, eod_id))
 
     def get(self, i: int) -> dict:
@@ -209,9 +212,9 @@ class PreferenceSource(StageSource):
     kind = "preference"
 
     def __init__(self, paths, seq_length, num_samples, seed, pad_id,
-                 vocab_size=PHI4_VOCAB_SIZE) -> None:
+                 vocab_size=PHI4_VOCAB_SIZE, ref_logps: bool = False) -> None:
         from megatron_phi4.data.preference import PreferenceDataset
-        self.ds = PreferenceDataset(paths, vocab_size=max(int(vocab_size), PHI4_VOCAB_SIZE))
+        self.ds = PreferenceDataset(paths, vocab_size=max(int(vocab_size), PHI4_VOCAB_SIZE), ref_logps=ref_logps)
         n = len(self.ds)
         if n == 0:
             raise ValueError(f"preference data {paths}: no pairs")
@@ -219,7 +222,7 @@ class PreferenceSource(StageSource):
         self.seq_length = int(seq_length)
         epochs = max(1, -(-self.size // n))
         self.order = np.concatenate([_rng(seed, 0xD90, e).permutation(n) for e in range(epochs)])
-        self.collate = _PreferenceCollate(pad_id, self.seq_length)
+        self.collate = PreferenceCollate(pad_id, self.seq_length)
         # tokens of each pair (both rows) and its source tag, for tokens_per_source
         toks = np.empty(n, np.int64)
         tags = []
@@ -257,7 +260,7 @@ def build_sft_source(req: SourceRequest) -> StageSource:
 
 def build_preference_source(req: SourceRequest) -> StageSource:
     return PreferenceSource(req.paths(), req.seq_length, req.num_samples, req.seed, req.pad_id,
-                            req.vocab_size)
+                            req.vocab_size, ref_logps=req.ref_logps)
 
 
 def build_synthetic_source(req: SourceRequest) -> StageSource:

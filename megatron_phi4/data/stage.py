@@ -131,13 +131,15 @@ def _build_source(stage_cfg, num_samples: int, *, validation: bool, pad_id: int,
                   collective: Optional[bool]) -> StageSource:
     from megatron_phi4.registry import DATA_KINDS
     data_cfg = getattr(stage_cfg, "data", stage_cfg)
-    loss_type = getattr(getattr(stage_cfg, "loss", None), "type", "lm")
+    loss = getattr(stage_cfg, "loss", None)
+    loss_type = getattr(loss, "type", "lm")
     cache_dir = cache_dir if cache_dir is not None else data_cfg.cache_dir
     builder = DATA_KINDS.get(data_cfg.kind)
     req = SourceRequest(data=data_cfg, loss_type=loss_type, num_samples=int(num_samples),
                         validation=validation, pad_id=pad_id, eod_id=eod_id,
                         cache_dir=None if cache_dir is None else str(cache_dir),
-                        vocab_size=int(vocab_size))
+                        vocab_size=int(vocab_size),
+                        ref_logps=getattr(loss, "dpo_reference", "model") == "precomputed")
     if collective is None:
         collective = cache_dir is not None and collective_available()
     if collective:

@@ -87,6 +87,20 @@ class ParallelDims:
     def dp_mesh(self) -> DeviceMesh:
         return self.mesh["dp"]
 
+    @property
+    def tp_dp_group(self):
+        """One group over the TP x DP ranks of this pipeline stage (FP8 amax reduction, as Megatron's
+        ``get_amax_reduction_group``). Created on first use: a collective, every rank must ask."""
+        if self.mesh is None:
+            return None
+        if self.tp * self.dp == 1:
+            return None
+        if self.dp == 1:
+            return self.tp_group
+        if self.tp == 1:
+            return self.dp_group
+        return self.mesh["dp", "tp"]._flatten("dp_tp").get_group()
+
     # construction -----------------------------------------------------------
     @classmethod
     def build(cls, parallel_cfg: ParallelConfig, world_size: int | None = None, rank: int | None = None,

@@ -49,6 +49,17 @@ from megatron_phi4.losses.base import sequence_log_probs
 from megatron_phi4.models.spec import ModelSpec, model_spec
 
 
+def fp8_amax_group(fp8, dims: ParallelDims):
+    """The group FP8 amaxes are reduced over (``model.fp8.amax_reduction``), or None: TP x DP
+    (Megatron's default; keeps every replica's scales identical) or the TP group alone. Built only when
+    FP8 is on (creating a group is a collective: every rank builds its engine, so every rank calls it)."""
+    if not fp8.enabled or dims.world_size == 1:
+        return None
+    if fp8.amax_reduction == "tp":
+        return dims.tp_group if dims.tp > 1 else None
+    return dims.tp_dp_group
+
+
 def global_units(microbatches, loss_fn, dp_group=None, device=None) -> float:
     """Units (tokens for LM, pairs for DPO) of the global batch: this rank's micro-batches summed,
     then all-reduced over the DP group (pass ``dp_group``; None = no reduction). ``device``: where
@@ -106,8 +117,9 @@ class ParallelEngine:
         self.stage_ids = stages_of_rank(dims.pp_rank, self.pp, virtual)
         self._global_shapes = dict(self.spec.global_shapes(model_cfg))
 
-        ctx = ParallelContext.from_group(dims.tp_group if self.tp > 1 else None, self.sequence_parallel)
-        backend = build_backend(model_cfg.backend, ctx)
+        ctx = ParallelContext.from_group(dims.tp_group if self.tp > 1 else None, self.sequence_parallel,
+                                         amax_group=fp8_amax_group(model_cfg.fp8, dims))
+        backend = build_backend(model_cfg.backend, ctx, fp8=model_cfg.fp8)
         self.where = ShardCoordinates(dims.tp_rank, dims.dp_rank, self.dp, self.use_fsdp)
         self.layout: dict = {}
         self.model_parts: list[nn.Module] = []

@@ -23,11 +23,18 @@ reorder or rename parameters freely: checkpoints load under any backend.
 
 A backend is built for one ``ParallelContext`` (the TP group and whether sequence parallelism is
 on) and registered by name in ``megatron_phi4.registry.BACKENDS`` (``model.backend``).
+
+Precision is the backend's business too (``model.fp8``): a backend built with an enabled
+``FP8Config`` may hand each decoder layer its pieces from ``for_layer(i, num_layers)`` (layers
+kept in bf16 get a backend without FP8) and may wrap a forward pass of the layers in
+``autocast()`` (Transformer Engine's ``autocast`` region, whose exit reduces the amaxes). Both are
+optional; ``layer_backend`` / ``forward_context`` below supply the defaults.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Protocol
+from typing import ContextManager, Protocol
 
 import torch
 from torch import nn
@@ -41,18 +48,21 @@ class ParallelContext:
     tp_size: int = 1
     tp_rank: int = 0
     sequence_parallel: bool = False  # residual stream split along the sequence over the TP group
+    # The group FP8 amaxes are reduced over when a backend keeps per-tensor scaling state (Transformer
+    # Engine's delayed scaling): TP x DP by default (Megatron's choice), None = the TP group.
+    amax_group: object = None
 
     def __post_init__(self):
         if self.sequence_parallel and self.tp_size == 1:
             object.__setattr__(self, "sequence_parallel", False)
 
     @classmethod
-    def from_group(cls, group, sequence_parallel: bool = False) -> "ParallelContext":
+    def from_group(cls, group, sequence_parallel: bool = False, amax_group=None) -> "ParallelContext":
         if group is None:
-            return cls()
+            return cls(amax_group=amax_group)
         import torch.distributed as dist
 
-        return cls(group, dist.get_world_size(group), dist.get_rank(group), sequence_parallel)
+        return cls(group, dist.get_world_size(group), dist.get_rank(group), sequence_parallel, amax_group)
 
 
 class AttentionMetadata:
@@ -111,9 +121,34 @@ class LayerBackend(Protocol):
 
     def lm_head(self, hidden: int, vocab_size: int) -> nn.Module: ...
 
+    # Optional (see the module docstring):
+    # def for_layer(self, layer_idx: int, num_layers: int) -> "LayerBackend": ...
+    # def autocast(self) -> ContextManager: ...
 
-def build_backend(name: str, ctx: ParallelContext | None = None) -> LayerBackend:
-    """The registered backend ``name`` (``model.backend``) for ``ctx``."""
+
+def layer_backend(backend: LayerBackend, layer_idx: int, num_layers: int) -> LayerBackend:
+    """The backend decoder layer ``layer_idx`` takes its pieces from (per-layer precision)."""
+    for_layer = getattr(backend, "for_layer", None)
+    return backend if for_layer is None else for_layer(layer_idx, num_layers)
+
+
+def forward_context(backend: LayerBackend) -> ContextManager:
+    """The context a forward pass of the decoder layers runs in (an FP8 autocast region, or none)."""
+    autocast = getattr(backend, "autocast", None)
+    return contextlib.nullcontext() if autocast is None else autocast()
+
+
+def build_backend(name: str, ctx: ParallelContext | None = None, fp8=None) -> LayerBackend:
+    """The registered backend ``name`` (``model.backend``) for ``ctx``; ``fp8``: the model's
+    ``FP8Config`` (passed only when enabled, so backends without an FP8 path need not accept it)."""
     from megatron_phi4.registry import BACKENDS
 
-    return BACKENDS.get(name)(ctx or ParallelContext())
+    cls = BACKENDS.get(name)
+    if fp8 is None or not fp8.enabled:
+        return cls(ctx or ParallelContext())
+    try:
+        return cls(ctx or ParallelContext(), fp8=fp8)
+    except TypeError as e:
+        if "fp8" not in str(e):
+            raise
+        raise ValueError(f"model.fp8.enabled: backend {name!r} ({cls.__name__}) has no FP8 path") from None

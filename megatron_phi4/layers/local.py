@@ -140,8 +140,23 @@ class LocalBackend:
 
     name = "local"
 
-    def __init__(self, ctx: ParallelContext | None = None):
+    def __init__(self, ctx: ParallelContext | None = None, fp8=None):
         self.ctx = ctx or ParallelContext()
+        self.fp8 = fp8 if fp8 is not None and fp8.enabled else None  # model.fp8 (torchao float8 linears)
+
+    def for_layer(self, layer_idx: int, num_layers: int) -> "LocalBackend":
+        """The backend of one decoder layer: without FP8 for the layers ``model.fp8`` keeps in bf16."""
+        if self.fp8 is None or not self.fp8.bf16_layer(layer_idx, num_layers):
+            return self
+        return type(self)(self.ctx)
+
+    def _precision(self, module: nn.Module) -> nn.Module:
+        """FP8 (``layers/float8.py``) for the decoder layers' TP linears when ``model.fp8`` is on."""
+        if self.fp8 is None:
+            return module
+        from megatron_phi4.layers.float8 import convert_to_float8
+
+        return convert_to_float8(module, self.fp8)
 
     def embedding(self, vocab_size: int, hidden: int) -> nn.Module:
         return VocabParallelEmbedding(vocab_size, hidden, self.ctx.tp_group,
@@ -151,9 +166,12 @@ class LocalBackend:
         return RMSNorm(hidden, eps, self.ctx.sequence_parallel)
 
     def norm_linear(self, hidden: int, outputs: dict[str, int], eps: float) -> nn.Module:
-        return NormLinear(hidden, outputs, eps, self.ctx)
+        return self._precision(NormLinear(hidden, outputs, eps, self.ctx))
 
     def linear(self, in_features: int, out_features: int, parallel: str) -> nn.Module:
+        return self._precision(self._linear(in_features, out_features, parallel))
+
+    def _linear(self, in_features: int, out_features: int, parallel: str) -> nn.Module:
         if parallel == "column":
             mode = "gather_seq" if self.ctx.sequence_parallel else "copy"
             return ColumnParallelLinear(in_features, out_features, self.ctx.tp_group, input_mode=mode)
@@ -166,8 +184,9 @@ class LocalBackend:
         return SDPAttention(num_heads, num_kv_heads, head_dim, self.ctx)
 
     def norm_mlp(self, hidden: int, ffn: int, eps: float) -> nn.Module:
-        return NormSwiGLU(hidden, ffn, eps, self.ctx)
+        return self._precision(NormSwiGLU(hidden, ffn, eps, self.ctx))
 
     def lm_head(self, hidden: int, vocab_size: int) -> nn.Module:
         # Prepares its own input (copy, or the SP all-gather); no output gather: vocab-parallel loss.
-        return self.linear(hidden, vocab_size, "column")
+        # Never FP8: the logits feed the loss directly (Megatron and torchtitan keep it in bf16 too).
+        return self._linear(hidden, vocab_size, "column")

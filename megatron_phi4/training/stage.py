@@ -133,12 +133,37 @@ class StageBuilder:
     def _reference(self, stage, source) -> ReferenceModel | None:
         if not needs_reference(stage):
             return None
+        if stage.loss.dpo_reference == "precomputed":
+            self._check_precomputed(stage, self.init_source(stage) if source == "policy" else source)
+            return None
         ref = ReferenceModel(self.t.new_engine, self.stage_theta(stage))
         if source == "policy":
             ref.copy_from(self.t.engine)
         elif source != SEED:
             ref.load(source)
         return ref
+
+    def _check_precomputed(self, stage, init) -> None:
+        """Precomputed reference log-probs must come from this stage's initial weights (the
+        reference) at this stage's sequence length; refuse them otherwise, naming the file."""
+        from megatron_phi4.checkpoint.format import checkpoint_fingerprint
+        from megatron_phi4.data.preference import read_ref_logps, ref_logps_path
+        from megatron_phi4.data.sources import _as_list
+
+        if init == SEED:
+            raise TrainingError(f"stages.{stage.name}.loss.dpo_reference: 'precomputed' needs the stage to start "
+                                f"from a checkpoint (the reference model), not from the seed")
+        want = checkpoint_fingerprint(init)
+        for path in _as_list(stage.data.paths) + _as_list(stage.data.validation):
+            _, _, meta = read_ref_logps(path)
+            if meta.get("model_fingerprint") != want:
+                raise TrainingError(f"{ref_logps_path(path)}: computed with model {meta.get('checkpoint')} "
+                                    f"(fingerprint {meta.get('model_fingerprint')}), but stage {stage.name}'s "
+                                    f"reference is {init} (fingerprint {want}); recompute them")
+            if int(meta.get("seq_length", -1)) != int(stage.data.seq_length):
+                raise TrainingError(f"{ref_logps_path(path)}: computed at seq_length {meta.get('seq_length')}, "
+                                    f"the stage uses {stage.data.seq_length}; recompute them")
+        self.t.log(f"  reference: precomputed log-probs of {init}")
 
     def _run(self, stage, optimizer, reference) -> StageRun:
         num_steps = stage.num_steps()

@@ -60,6 +60,7 @@ class StepResult:
 class StopRequest:
     reason: str
     save: bool = True
+    by_signal: bool = False  # a scheduler's signal (the job should be requeued), not a callback's decision
 
 
 @dataclass
@@ -104,9 +105,9 @@ class Trainer:
     def new_engine(self) -> ParallelEngine:
         return ParallelEngine(self.recipe.model, self.recipe.parallel, self.dims, seed=self.recipe.seed)
 
-    def request_stop(self, reason: str, save: bool = True) -> None:
+    def request_stop(self, reason: str, save: bool = True, by_signal: bool = False) -> None:
         """Stop after the current step (every rank must call it at the same step)."""
-        self.stop_requested = StopRequest(reason, save)
+        self.stop_requested = StopRequest(reason, save, by_signal)
 
     def data_cache_dir(self, stage) -> str:
         """Index caches default to the run directory, so each rank memory-maps one build."""
@@ -205,13 +206,18 @@ class Trainer:
         self.summary.update(stopped_by_signal=False, resumed_from=str(resume) if resume else None,
                             run_dir=str(self.run_dir), checkpoints=str(self.ckpt_root), run_id=self.state.run_id)
         for stage in stages:
+            if self.stop_requested is not None:  # e.g. a callback's decision in the previous stage's post_stage
+                self.log(f"stopping before stage {stage.name}: {self.stop_requested.reason}")
+                break
             here = rstate is not None and rstate["stage"] == stage.name
             if here and rstate.get("stage_complete"):
                 self.log(f"stage {stage.name}: already complete in {resume}; nothing to do")
                 continue
             if self._run_stage(stage, resume if here else None):
-                self.summary["stopped_by_signal"] = True
                 break
+        if self.stop_requested is not None:
+            self.summary["stop_reason"] = self.stop_requested.reason
+            self.summary["stopped_by_signal"] = self.stop_requested.by_signal
         self.summary["wall_s"] = time.time() - t0
         self.summary["global_step"] = self.state.global_step
         return self.summary
@@ -250,7 +256,7 @@ class Trainer:
         wall = time.time() - run.started
         self.summary["stages"][stage.name] = {"steps": run.step, "skipped": run.skipped, "tokens": run.tokens,
                                               "tokens_per_s": run.tokens / max(wall, 1e-9), "wall_s": wall,
-                                              **run.last_scalars, **({"stopped": True} if stopped else {})}
+                                              **run.last_scalars, **({"stopped": self.stop_requested.reason} if stopped else {})}
         if stopped:
             self.log(f"  stopped cleanly at stage {stage.name} step {run.step} ({self.stop_requested.reason})")
         self.stage = None

@@ -24,7 +24,9 @@ import torch
 from torch import nn
 
 from megatron_phi4.config import ModelConfig
-from megatron_phi4.layers.backend import AttentionMetadata, LayerBackend, build_backend
+from megatron_phi4.layers.backend import (
+    AttentionMetadata, LayerBackend, build_backend, forward_context, layer_backend,
+)
 from megatron_phi4.models.phi4 import state_dict as names
 from megatron_phi4.models.phi4.kv_cache import KVCache
 
@@ -100,12 +102,15 @@ class Phi4Model(nn.Module):
     def __init__(self, cfg: ModelConfig, backend: LayerBackend | None = None, *,
                  layer_ids: Iterable[int] | None = None, embedding: bool = True, head: bool = True):
         super().__init__()
-        backend = backend if backend is not None else build_backend(cfg.backend)
+        backend = backend if backend is not None else build_backend(cfg.backend, fp8=cfg.fp8)
         self.config = cfg
+        self._backend = backend  # for its forward context (an FP8 autocast region); holds no parameters
         self.rope_theta = cfg.rope_theta
         layer_ids = range(cfg.num_layers) if layer_ids is None else layer_ids
         self.embed_tokens = backend.embedding(cfg.vocab_size, cfg.hidden_size) if embedding else None
-        self.layers = nn.ModuleDict({str(i): DecoderBlock(cfg, i, backend) for i in layer_ids})
+        # each layer takes its pieces from the backend for that layer (FP8, or bf16 for kept end layers)
+        self.layers = nn.ModuleDict({str(i): DecoderBlock(cfg, i, layer_backend(backend, i, cfg.num_layers))
+                                     for i in layer_ids})
         self.norm = backend.norm(cfg.hidden_size, cfg.norm_eps) if head else None
         self.lm_head = backend.lm_head(cfg.hidden_size, cfg.vocab_size) if head else None
         self._layout = None
@@ -137,8 +142,9 @@ class Phi4Model(nn.Module):
             position_ids = torch.arange(past, past + seq, device=h.device).expand(batch, seq)
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.rope_theta, h.dtype)
         meta = AttentionMetadata(seq, past, document_ids, device=h.device)
-        for layer in self.layers.values():
-            h = layer(h, cos, sin, meta, kv_cache)
+        with forward_context(self._backend):
+            for layer in self.layers.values():
+                h = layer(h, cos, sin, meta, kv_cache)
         if kv_cache is not None:
             kv_cache.advance(seq)
         if self.norm is not None:

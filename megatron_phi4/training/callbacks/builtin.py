@@ -154,7 +154,7 @@ class StopSignalCallback(Callback):
         stage = trainer.stage
         if stage.step < stage.num_steps and self.signal.should_stop(trainer.engine.device):
             trainer.log(f"  stop requested ({self.signal.name}) at step {stage.step}: saving a checkpoint")
-            trainer.request_stop(self.signal.name, save=True)
+            trainer.request_stop(self.signal.name, save=True, by_signal=True)
 
     def post_run(self, trainer) -> None:
         self.signal.restore()
