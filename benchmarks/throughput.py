@@ -13,11 +13,12 @@ of ``--mbs`` x seq random tokens, forward + backward through ``ParallelEngine`` 
 gradient clipping and the fused AdamW step of the trainer's optimizer: what the trainer runs per
 step, data loading aside.
 
-Rows (``ROWS``): the local backend in bf16 through FSDP2's mixed-precision policy, eager and
-``torch.compile``d per block; in bf16 through autocast (``dp_shard: none``) compiled, the pair of
-torchao's FP8 row (torchao ``convert_to_float8_training``, tensor-wise scaling, all decoder linears,
-LM head kept in bf16, compiled); and the Transformer Engine backend in bf16 and FP8 where it is
-registered and importable. A row that cannot run here is printed with the reason, never estimated.
+Rows (``ROWS``, in the order they run): the local backend in bf16 through FSDP2's mixed-precision
+policy, eager and ``torch.compile``d per block; the same compiled with FP8 on (``model.fp8``: the
+trainer's switch, torchao's float8 recipe ``--local-fp8-recipe`` on every decoder linear, embedding
+and LM head in bf16); bf16 through autocast (``dp_shard: none``), compiled; and the Transformer
+Engine backend in bf16 and FP8 (``--te-fp8-recipe``) where TE is installed. A row that cannot run
+here is printed with the reason, never estimated.
 
 Figures, per row (warm-up steps excluded; the device is synchronized around every timed step; the
 median step time is reported):
@@ -53,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from megatron_phi4.config import ModelConfig, OptimizerConfig, ParallelConfig, model_preset  # noqa: E402
+from megatron_phi4.config import FP8Config, ModelConfig, OptimizerConfig, ParallelConfig, model_preset  # noqa: E402
 from megatron_phi4.training.metrics import PEAK_TFLOPS_BY_NAME, flops_per_token  # noqa: E402
 
 PHI4_SHAPE = dict(hidden_size=5120, num_attention_heads=40, num_kv_heads=10, intermediate_size=17920,
@@ -64,23 +65,23 @@ PHI4_SHAPE = dict(hidden_size=5120, num_attention_heads=40, num_kv_heads=10, int
 class Row:
     name: str
     backend: str  # model.backend
-    precision: str  # bf16 | fp8-torchao | fp8-te
+    precision: str  # bf16 | fp8 (model.fp8 on: torchao on local, TE's recipes on te)
     dp_shard: str  # fsdp: bf16 through FSDP2's policy; none: through autocast
     compile: bool
 
 
 # In the order they run (what matters most first, when a time budget cuts the list short): the eager
-# bf16 baseline, the FP8 pair (same mechanism: autocast, compiled), the compiled FSDP2 row, then TE.
+# bf16 baseline, the compiled bf16 row and its FP8 twin, bf16 through autocast, then TE.
 ROWS = [
     Row("local-bf16-fsdp", "local", "bf16", "fsdp", False),
-    Row("local-bf16-autocast-compile", "local", "bf16", "none", True),
-    Row("local-fp8-torchao-compile", "local", "fp8-torchao", "none", True),
     Row("local-bf16-fsdp-compile", "local", "bf16", "fsdp", True),
+    Row("local-fp8-fsdp-compile", "local", "fp8", "fsdp", True),
+    Row("local-bf16-autocast-compile", "local", "bf16", "none", True),
     Row("te-bf16", "te", "bf16", "fsdp", False),
-    Row("te-fp8", "te", "fp8-te", "fsdp", False),
+    Row("te-fp8", "te", "fp8", "fsdp", False),
 ]
 # FP8 speed-up pairs: (fp8 row, the bf16 row with the same mechanism)
-PAIRS = [("local-fp8-torchao-compile", "local-bf16-autocast-compile"), ("te-fp8", "te-bf16")]
+PAIRS = [("local-fp8-fsdp-compile", "local-bf16-fsdp-compile"), ("te-fp8", "te-bf16")]
 
 
 # ---------------------------------------------------------------------------------------------- device
@@ -160,36 +161,15 @@ def unavailable(row: Row, device: torch.device) -> str | None:
 
     if row.backend not in registry.BACKENDS.names():
         return f"no {row.backend!r} layer backend in this build (registered: {', '.join(registry.BACKENDS.names())})"
-    if row.backend == "te" and importlib.util.find_spec("transformer_engine") is None:
-        return "Transformer Engine is not installed"
-    if row.precision == "fp8-te":
-        return "FP8 through Transformer Engine's recipes is not wired into this benchmark yet"
-    if row.precision == "fp8-torchao":
-        if importlib.util.find_spec("torchao") is None:
-            return "torchao is not installed"
+    reason = registry.BACKENDS.unavailable_reason(row.backend)
+    if reason is not None:
+        return reason
+    if row.precision == "fp8":
+        if row.backend == "local" and importlib.util.find_spec("torchao") is None:
+            return "FP8 on the local backend uses torchao, which is not installed"
         if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
             return "FP8 matrix multiplies need compute capability 8.9+ (Ada, Hopper, Blackwell)"
     return None
-
-
-def convert_to_torchao_fp8(engine) -> int:
-    """Swap the decoder's linear layers for torchao's ``Float8Linear`` (tensor-wise dynamic scaling);
-    the LM head stays in bf16 (torchtitan and torchao's own recipes exclude the output layer). Same
-    parameter objects and names; DP=1, TP=1 here, so the TP layers' collectives are no-ops."""
-    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
-
-    swapped = []
-
-    def keep(module, fqn: str) -> bool:
-        ok = "lm_head" not in fqn and module.in_features % 16 == 0 and module.out_features % 16 == 0
-        if ok:
-            swapped.append(fqn)
-        return ok
-
-    config = Float8LinearConfig.from_recipe_name("tensorwise")
-    for part in engine.model_parts:
-        convert_to_float8_training(part, module_filter_fn=keep, config=config)
-    return len(swapped)
 
 
 @torch.no_grad()
@@ -205,10 +185,14 @@ def fill_parameters(engine, std: float = 0.02) -> None:
             local.normal_(0.0, std, generator=gen)
 
 
-def model_config(args, layers: int) -> ModelConfig:
-    if args.tiny:
-        return model_preset("tiny", num_layers=layers)
-    return ModelConfig(num_layers=layers, **PHI4_SHAPE)
+def model_config(args, layers: int, row: Row) -> ModelConfig:
+    cfg = model_preset("tiny", num_layers=layers) if args.tiny else ModelConfig(num_layers=layers, **PHI4_SHAPE)
+    cfg.backend = row.backend
+    if row.precision == "fp8":
+        recipe = args.local_fp8_recipe if row.backend == "local" else args.te_fp8_recipe
+        cfg.fp8 = FP8Config(enabled=True, recipe=recipe)
+    cfg.validate()
+    return cfg
 
 
 def auto_layers(seq: int, mbs: int, device: torch.device) -> int:
@@ -237,8 +221,7 @@ def run_row(row: Row, args, seq: int, layers: int, device: torch.device, dims_ca
     from megatron_phi4.losses import LMLoss
     from megatron_phi4.training.optimizer import build_optimizer
 
-    cfg = model_config(args, layers)
-    cfg.backend = row.backend
+    cfg = model_config(args, layers, row)
     pcfg = ParallelConfig(dp_shard=row.dp_shard, mixed_precision="bf16", compile=row.compile,
                           compile_backend=args.compile_backend)
     key = row.dp_shard
@@ -247,9 +230,12 @@ def run_row(row: Row, args, seq: int, layers: int, device: torch.device, dims_ca
     t_build = time.perf_counter()
     engine = ParallelEngine(cfg, pcfg, dims_cache[key], seed=None, device=device)
     fill_parameters(engine)
-    extra = {}
-    if row.precision == "fp8-torchao":
-        extra["fp8_linears"] = convert_to_torchao_fp8(engine)
+    extra = {"fp8_recipe": cfg.fp8.recipe} if cfg.fp8.enabled else {}
+    if cfg.fp8.enabled and row.backend == "local":
+        from megatron_phi4.layers.float8 import Float8ColumnParallelLinear, Float8RowParallelLinear
+
+        fp8_types = (Float8ColumnParallelLinear, Float8RowParallelLinear)
+        extra["fp8_linears"] = sum(isinstance(m, fp8_types) for part in engine.model_parts for m in part.modules())
     optimizer = build_optimizer(engine, OptimizerConfig(lr=1e-5, weight_decay=0.1))
     extra["fused_adamw"] = bool(optimizer.defaults.get("fused"))
     loss_fn = LMLoss()
@@ -364,6 +350,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation happens here)")
     ap.add_argument("--rows", default="all", help=f"comma-separated subset of: {', '.join(r.name for r in ROWS)}")
     ap.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor; CPU aot_eager)")
+    ap.add_argument("--local-fp8-recipe", default="tensorwise", help="model.fp8.recipe of the local FP8 rows")
+    ap.add_argument("--te-fp8-recipe", default="delayed", help="model.fp8.recipe of the TE FP8 rows")
     ap.add_argument("--budget-s", type=float, default=0.0, help="start no new row after this many seconds (0: no limit)")
     ap.add_argument("--out", default=None, help="append one JSON line per row (and a header line) to this file")
     args = ap.parse_args(argv)

@@ -63,3 +63,34 @@ def test_inductor_compiled_block_matches_eager():
     torch.testing.assert_close(out_c, out_e, rtol=1e-5, atol=1e-5)
     for name in g_e:
         torch.testing.assert_close(g_c[name], g_e[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def _fp8_steps(rank, world):
+    from torch._dynamo.utils import counters
+
+    from megatron_phi4.config import FP8Config, ParallelConfig
+    from megatron_phi4.distributed.parallel_dims import ParallelDims
+    from megatron_phi4.engine import ParallelEngine
+    from megatron_phi4.losses import LMLoss
+
+    cfg = tiny_cfg()
+    cfg.fp8 = FP8Config(enabled=True, recipe="tensorwise")
+    mbs = make_lm_microbatches(2, seed=6)
+    out = {}
+    for compile_ in (False, True):
+        pcfg = ParallelConfig(mixed_precision="bf16", compile=compile_, compile_backend="aot_eager")
+        engine = ParallelEngine(cfg, pcfg, ParallelDims.build(pcfg, model_cfg=cfg), seed=0)
+        counters.clear()
+        loss_fn = LMLoss()
+        out[compile_] = (engine.forward_backward(mbs, loss_fn, engine.global_units(mbs, loss_fn))["loss"],
+                         dict(counters["graph_break"]), counters["stats"]["unique_graphs"])
+    return out
+
+
+def test_fp8_blocks_compile_without_graph_breaks():
+    """model.fp8 (torchao casts in a custom autograd function) must stay inside the compiled graphs:
+    a graph break would leave the amax/scale/cast kernels eager and unfused on GPU."""
+    out, = run_distributed(_fp8_steps, 1)
+    (loss_e, _, _), (loss_c, breaks, graphs) = out[False], out[True]
+    assert breaks == {} and graphs >= 1
+    assert abs(loss_c - loss_e) <= 1e-6 * abs(loss_e)

@@ -1,5 +1,5 @@
 """benchmarks/throughput.py on CPU with the tiny shape: every local row runs (bf16 through FSDP2 and
-through autocast, compiled with aot_eager, torchao FP8), unavailable rows say why, and the printed
+through autocast, compiled with aot_eager, FP8 through model.fp8), unavailable rows say why, and the printed
 figures follow from the step time by the stated formulas (Megatron's causal FLOP count)."""
 import importlib.util
 import json
@@ -40,7 +40,7 @@ def test_tiny_throughput_table(tmp_path):
     megatron = 3 * 2 * (layers * h * f * 3 + layers * (h * (q + 2 * kv) + q * SEQ / 2 * 2 + q * h) + h * v)
     assert flops_per_token(cfg, SEQ, causal=True) == megatron
 
-    local = ["local-bf16-fsdp", "local-bf16-fsdp-compile", "local-bf16-autocast-compile", "local-fp8-torchao-compile"]
+    local = ["local-bf16-fsdp", "local-bf16-fsdp-compile", "local-fp8-fsdp-compile", "local-bf16-autocast-compile"]
     for name in local:
         r = rows[name]
         assert "skipped" not in r, r
@@ -51,7 +51,8 @@ def test_tiny_throughput_table(tmp_path):
         assert r["mfu_measured_peak"] == pytest.approx(r["tflops"] / header["matmul_peak"]["tflops"])
         assert r["mfu_datasheet"] is None  # no datasheet peak for a CPU
         assert 5.0 < r["loss"] < 7.5  # ~ln(512) for random tokens: the model really ran
-    assert rows["local-fp8-torchao-compile"]["fp8_linears"] == 2 * 7  # q, k, v, o, gate, up, down per layer
+    # model.fp8 (the trainer's switch): q, k, v, o, gate, up, down of every layer; not the LM head
+    assert rows["local-fp8-fsdp-compile"]["fp8_linears"] == 2 * 7 and rows["local-fp8-fsdp-compile"]["fp8_recipe"]
     assert rows["local-bf16-fsdp-compile"]["compile"] and not rows["local-bf16-fsdp"]["compile"]
     for name in ("te-bf16", "te-fp8"):
         assert rows[name]["skipped"]  # a reason, never a number
