@@ -4,8 +4,8 @@ FSDP2 (``torch.distributed.fsdp.fully_shard``) is used as is: it works on CPU wi
 2.13 (all-gather / reduce-scatter), shards parameters, gradients and -- since the optimizer is
 built on the sharded DTensor parameters -- the optimizer state (ZeRO-3). What this module adds:
 
-* the precision policy: bf16 parameters for compute and fp32 gradient reduction on GPU, fp32
-  everything on CPU (``fsdp_dtypes``; without FSDP, autocast: ``mixed_precision.py``);
+* the precision policy: bf16 parameters for compute and fp32 gradient reduction (``apply_fsdp``'s
+  dtypes come from ``mixed_precision.precision_plan``; without FSDP bf16 is autocast);
 * sum semantics: the engine scales each micro-batch loss by 1 / (global units), so the DP
   reduction must *sum* (``set_gradient_divide_factor(1.0)``, in ``apply_fsdp``);
 * gradient accumulation without communication: reduce-scatter only on the last micro-batch
@@ -15,7 +15,8 @@ built on the sharded DTensor parameters -- the optimizer state (ZeRO-3). What th
   as soon as all its gradients are final, and waited for before the optimizer step), or -- under
   pipeline parallelism, or with ``overlap_grad_reduce`` off -- in one bucketed pass after the last
   micro-batch (``all_reduce_grads``);
-* the sequence-parallel norm gradients' all-reduce over TP (``all_reduce_grads`` on those).
+* the sequence-parallel norm gradients' all-reduce over TP (``all_reduce_grads`` on those);
+* ``apply_compile``: ``torch.compile`` per block, which must sit between recompute and FSDP.
 """
 from __future__ import annotations
 
@@ -27,13 +28,6 @@ import torch.distributed as dist
 from torch import nn
 
 logger = logging.getLogger(__name__)
-
-
-def fsdp_dtypes(mixed_precision: str, device: torch.device) -> tuple[torch.dtype | None, torch.dtype]:
-    """(param_dtype, reduce_dtype) for FSDP's MixedPrecisionPolicy (see ``mixed_precision.py``)."""
-    from megatron_phi4.distributed.mixed_precision import uses_bf16
-
-    return (torch.bfloat16 if uses_bf16(mixed_precision, device) else None), torch.float32
 
 
 def set_grad_sync(parts: Iterable[nn.Module], enabled: bool) -> None:
