@@ -18,7 +18,7 @@ LEVELS = {
     "engine": 4, "checkpoint": 4,
     "training": 5, "generation": 5,
     "posttrain": 6,
-    "demo": 7, "api": 7, "train": 7, "launch": 7, "tools": 7,
+    "demo": 7, "api": 7, "train": 7, "launch": 7, "tools": 7, "planner": 7,
 }
 # Pairs on the same level that must still not meet.
 FORBIDDEN = {("checkpoint", "engine"), ("distributed", "data"), ("data", "distributed"), ("losses", "models")}

@@ -1,0 +1,157 @@
+"""Activation memory of one micro-batch, tensor by tensor, as this code base saves it for backward.
+
+Not a rule of thumb: each term is a tensor that autograd keeps because of a line in
+``layers/local.py``, ``models/phi4/model.py`` or ``distributed/vocab_parallel.py`` (the docstrings
+below name them), for the local backend with PyTorch's flash SDPA (CUDA, and the CPU flash kernel
+that ``scaled_dot_product_attention`` picks for causal rows). Symbols: ``N = b*s`` tokens of the
+micro-batch, ``Ns = N/tp`` positions of the residual stream under sequence parallelism (else N),
+``a`` bytes per activation element (2 bf16, 4 fp32), ``h`` hidden, ``qd = heads*head_dim/tp``,
+``kvd = kv_heads*head_dim/tp``, ``f = ffn/tp``, ``V' = vocab/tp``.
+
+Per decoder block (no recompute)::
+
+    RMSNorm x2           fp32 input x32 (pow saves it)      2 * 4*Ns*h
+                         normalized x before the weight      2 * a*Ns*h
+                         rsqrt, fp32 per position           2 * 4*Ns
+    projection inputs    norm output, all-gathered under SP  2 * a*N*h   (q/k/v share one, gate/up one)
+    attention            q, k after RoPE, v                  a*N*(qd + 2 kvd)
+                         output (o_proj's input is a view)   a*N*qd
+                         log-sum-exp, fp32                   4*b*heads/tp*s
+    SwiGLU               gate, silu(gate), up, product       4 * a*N*f
+
+In fp32 the casts ``x.float()`` / ``.to(x.dtype)`` are no-ops, so the "fp32 input" is the block
+input itself and the "normalized x" the fp32 product: the byte counts above hold for both.
+``selective`` recompute drops what core attention alone saves (its log-sum-exp: with a fused
+kernel there are no ``s^2`` scores to drop, its output stays alive as o_proj's input), ``full``
+keeps only each block's input ``a*Ns*h`` and re-runs one block at a time in backward.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megatron_phi4.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class MicroBatchShape:
+    """Per-rank sizes of one micro-batch."""
+
+    batch: int
+    seq: int
+    tp: int
+    sequence_parallel: bool
+    act_bytes: int  # 2 bf16, 4 fp32
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.seq
+
+    @property
+    def stream_tokens(self) -> int:
+        """Positions of the residual stream this rank holds (seq/tp under SP)."""
+        return self.tokens // self.tp if self.sequence_parallel and self.tp > 1 else self.tokens
+
+
+def block_saved(cfg: ModelConfig, mb: MicroBatchShape, recompute: str) -> dict[str, int]:
+    """Bytes one decoder block keeps for backward, itemized."""
+    a, n, ns, t = mb.act_bytes, mb.tokens, mb.stream_tokens, mb.tp
+    h = cfg.hidden_size
+    if recompute == "full":
+        return {"block input (full recompute)": a * ns * h}
+    qd, kvd = cfg.num_attention_heads * cfg.head_dim // t, cfg.num_kv_heads * cfg.head_dim // t
+    f = cfg.intermediate_size // t
+    items = {
+        "rmsnorm fp32 inputs": 2 * 4 * ns * h,
+        "rmsnorm normalized": 2 * a * ns * h,
+        "rmsnorm rsqrt": 2 * 4 * ns,
+        "projection inputs": 2 * a * n * h,
+        "q, k (RoPE), v": a * n * (qd + 2 * kvd),
+        "attention output": a * n * qd,
+        "attention log-sum-exp": 4 * mb.batch * (cfg.num_attention_heads // t) * mb.seq,
+        "swiglu gate, silu, up, product": 4 * a * n * f,
+    }
+    if recompute == "selective":
+        items.pop("attention log-sum-exp")
+    return items
+
+
+def block_backward_moment(cfg: ModelConfig, mb: MicroBatchShape, recompute: str, *, weight_grad: int,
+                          units_keep_grads: bool) -> int:
+    """Peak bytes a block's backward adds to what is saved (the block's own saved tensors included).
+
+    The peak is SwiGLU's product backward: the output gradient (all-gathered under SP, a*N*h) is
+    alive, down_proj's saved input has been freed, and the gradients of silu(gate) and up
+    (2 a*N*f) have just been made; one step earlier down_proj's backward holds the product's
+    gradient (a*N*f) and its fresh weight gradient (``weight_grad`` bytes). FSDP keeps a unit's
+    fresh gradients until its post-backward hook (``units_keep_grads``), so down_proj's weight
+    gradient is still there at the later moment. Full recompute first re-materializes the block's
+    saved tensors (in fp32 the first norm's input *is* the kept block input: not counted twice).
+    """
+    a, n, h = mb.act_bytes, mb.tokens, cfg.hidden_size
+    f = cfg.intermediate_size // mb.tp
+    extra = a * n * h
+    if recompute == "full":
+        extra += sum(block_saved(cfg, mb, "none").values()) - (a * mb.stream_tokens * h if a == 4 else 0)
+    if units_keep_grads:
+        return extra + 2 * a * n * f + weight_grad
+    return extra + max(2 * a * n * f, a * n * f + weight_grad)
+
+
+def rope_tables(cfg: ModelConfig, mb: MicroBatchShape) -> int:
+    """cos and sin (b, s, head_dim), built once per chunk forward and saved by every RoPE product."""
+    return 2 * mb.act_bytes * mb.tokens * cfg.head_dim
+
+
+def head_saved(cfg: ModelConfig, mb: MicroBatchShape) -> dict[str, int]:
+    """Final norm, LM head input and the loss's saved tensor (log-softmax output for tp = 1, the
+    softmax for the vocabulary-parallel loss), fp32."""
+    a, n, ns, h = mb.act_bytes, mb.tokens, mb.stream_tokens, cfg.hidden_size
+    v = cfg.vocab_size // mb.tp
+    return {
+        "final rmsnorm": 4 * ns * h + a * ns * h + 4 * ns,
+        "lm_head input": a * n * h,
+        "loss softmax (fp32)": 4 * n * v,
+    }
+
+
+def loss_transient(cfg: ModelConfig, mb: MicroBatchShape, pipelined: bool = False) -> int:
+    """Peak bytes the logits and the loss need on top of ``head_saved`` (max of forward and backward).
+
+    tp = 1 (``losses.base.token_log_probs``): forward holds the logits (a), their fp32 copy (4, a
+    no-op in fp32) and the log-softmax output (saved); backward the gather's output gradient and
+    the log-softmax input gradient (4 + 4) next to the saved output.
+    tp > 1 (``vocab_parallel``): forward holds the logits shard (a), its fp32 copy, the shifted
+    logits and their exp (the saved softmax); backward the fp32 gradient (4) and its cast to the
+    logits' dtype (bf16 only). (Under pipelining the stage keeps the logits until backward: that is
+    counted in ``chunk_saved``, once per in-flight micro-batch, so ``pipelined`` leaves it out here.)
+    """
+    a, n = mb.act_bytes, mb.tokens
+    v = cfg.vocab_size // mb.tp
+    cast = 4 if a != 4 else 0
+    if mb.tp == 1:
+        fwd = a + cast
+        bwd = 8
+    else:
+        fwd = a + cast + 4
+        bwd = 4 + (a if a != 4 else 0)
+    if pipelined:
+        fwd -= a
+    return max(fwd, bwd) * n * v
+
+
+def chunk_saved(cfg: ModelConfig, mb: MicroBatchShape, recompute: str, n_layers: int, *, embedding: bool,
+                head: bool, pipelined: bool) -> dict[str, int]:
+    """Everything one chunk keeps for one in-flight micro-batch, itemized."""
+    items: dict[str, int] = {}
+    for k, v in block_saved(cfg, mb, recompute).items():
+        items[f"blocks: {k}"] = n_layers * v
+    items["rope cos/sin"] = rope_tables(cfg, mb)
+    if embedding:
+        items["embedding ids and mask"] = 9 * mb.tokens  # int64 ids + bool out-of-shard mask
+    if head:
+        items.update(head_saved(cfg, mb))
+        if pipelined:  # the schedule keeps the stage output (the logits) until this micro-batch's backward
+            items["logits kept for backward"] = mb.act_bytes * mb.tokens * (cfg.vocab_size // mb.tp)
+    elif pipelined:
+        items["stage output kept for backward"] = mb.act_bytes * mb.stream_tokens * cfg.hidden_size
+    return items
