@@ -233,6 +233,13 @@ class ParallelConfig:
     backend: str = "auto"  # auto -> nccl on CUDA, gloo on CPU
     mixed_precision: str = "auto"  # auto -> bf16 compute with fp32 master weights on GPU, fp32 on CPU
     timeout_minutes: float = 10.0
+    # torch.compile each decoder block (names and checkpoints unchanged). "inductor" generates fused
+    # kernels; "aot_eager" traces the same graphs without code generation (debugging, CPU tests).
+    compile: bool = False
+    compile_backend: str = "inductor"
+    # dp_shard none: all-reduce gradient buckets while backward still runs (Megatron's
+    # --overlap-grad-reduce); false: one bucketed all-reduce after the last micro-batch.
+    overlap_grad_reduce: bool = True
 
     def validate(self, model: ModelConfig | None = None, world_size: int | None = None,
                  prefix: str = "parallel") -> None:
@@ -244,6 +251,7 @@ class ParallelConfig:
         _choice(self.recompute, f"{prefix}.recompute", ("none", "selective", "full"))
         _choice(self.backend, f"{prefix}.backend", ("auto", "gloo", "nccl"))
         _choice(self.mixed_precision, f"{prefix}.mixed_precision", ("auto", "bf16", "fp32"))
+        _choice(self.compile_backend, f"{prefix}.compile_backend", ("inductor", "aot_eager", "eager"))
         _require(self.virtual_stages == 1 or self.pp_schedule in ("interleaved_1f1b", "zero_bubble"),
                  f"{prefix}.virtual_stages",
                  f"{self.virtual_stages} model chunks per rank need pp_schedule 'interleaved_1f1b' or "

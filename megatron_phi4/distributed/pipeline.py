@@ -95,11 +95,14 @@ class PipelineRunner:
 
     def __init__(self, parts: list[nn.Module], stage_ids: list[int], num_stages: int, pp_group,
                  schedule: str, device: torch.device, hidden_size: int, local_vocab: int,
-                 seq_divisor: int, act_dtype: torch.dtype):
+                 seq_divisor: int, act_dtype: torch.dtype, logits_dtype: torch.dtype | None = None):
         self.parts, self.stage_ids, self.num_stages = parts, stage_ids, num_stages
         self.pp_group, self.schedule_name, self.device = pp_group, schedule, device
         self.hidden_size, self.local_vocab = hidden_size, local_vocab
+        # Hidden states between stages and the last stage's logits (they differ under autocast:
+        # fp32 residual stream, bf16 logits; see mixed_precision.py).
         self.seq_divisor, self.act_dtype = seq_divisor, act_dtype
+        self.logits_dtype = logits_dtype or act_dtype
         self._cache: dict = {}
         for part in parts:  # p2p sends need contiguous buffers (SP collectives return permuted views)
             part.register_forward_hook(_contiguous_output)
@@ -119,7 +122,7 @@ class PipelineRunner:
         elif inputs == "label_log_probs":
             out = torch.empty(mb, seq, dtype=torch.float32, device="meta", requires_grad=train)
         else:
-            out = torch.empty(mb, seq, self.local_vocab, dtype=self.act_dtype, device="meta", requires_grad=train)
+            out = torch.empty(mb, seq, self.local_vocab, dtype=self.logits_dtype, device="meta", requires_grad=train)
         return inp, out
 
     def _get_schedule(self, train: bool, mb: int, seq: int, n_mb: int, inputs: str):

@@ -23,6 +23,11 @@ Loss scaling contract: every micro-batch's ``loss_sum`` is divided by ``global_u
 the whole global batch: all DP ranks, all micro-batches) before backward, and all gradient
 reductions *sum* (FSDP divide factor 1, SP norm all-reduce, optional DDP-style all-reduce). The
 gradient is therefore that of the token-weighted global mean, whatever the split.
+
+Speed on one GPU and beyond (``ParallelConfig``): bf16 compute with fp32 master weights and fp32
+gradient reduction with or without FSDP (``distributed/mixed_precision.py``), ``torch.compile`` per
+decoder block (``compile``), and with replicated DP the gradient all-reduce overlapped with the
+last micro-batch's backward (``overlap_grad_reduce``, ``data_parallel.OverlappedGradReducer``).
 """
 from __future__ import annotations
 
@@ -33,8 +38,11 @@ import torch.distributed as dist
 from torch import nn
 
 from megatron_phi4.config import ModelConfig, ParallelConfig
-from megatron_phi4.distributed.data_parallel import all_reduce_grads, apply_fsdp, fsdp_dtypes, set_grad_sync
+from megatron_phi4.distributed.data_parallel import (
+    OverlappedGradReducer, all_reduce_grads, apply_compile, apply_fsdp, set_grad_sync,
+)
 from megatron_phi4.distributed.grad_clip import clip_grads_, global_grad_norm
+from megatron_phi4.distributed.mixed_precision import apply_autocast, precision_plan
 from megatron_phi4.distributed.parallel_dims import ParallelDims
 from megatron_phi4.distributed.pipeline import PipelineRunner, split_layers, stages_of_rank
 from megatron_phi4.distributed.recompute import apply_recompute
@@ -82,6 +90,8 @@ class ParallelEngine:
         dims: the layout from ``init_distributed`` / ``ParallelDims.build``.
         seed: initialization seed; the parameters are bit-identical to ``build_model(cfg, seed=seed)``
             sliced into this rank's shards (drawn one full tensor at a time, see ``_init_from_seed``).
+            None leaves the parameters uninitialized (benchmarks that fill them on the device: drawing
+            14B values on the host takes minutes); the caller must write every parameter.
         device: defaults to ``dims.device``.
         full_state_dict: load these full tensors (checkpoint names) instead of initializing.
         sync_grads_every_microbatch: (pp == 1 with FSDP) reduce-scatter after every micro-batch instead
@@ -89,11 +99,13 @@ class ParallelEngine:
             saves 4 bytes x (params / tp) of memory (see docs/parallelism.md). Under PP the
             pipeline stage always accumulates and reduces once.
         spec: the model spec (default: the one registered as ``model_cfg.arch``).
+        grad_bucket_bytes: bucket size of the replicated-DP gradient all-reduce (``dp_shard: none``).
     """
 
     def __init__(self, model_cfg: ModelConfig, parallel_cfg: ParallelConfig, dims: ParallelDims, *,
                  seed: int = 0, device=None, full_state_dict: dict | None = None,
-                 sync_grads_every_microbatch: bool = False, spec: ModelSpec | None = None):
+                 sync_grads_every_microbatch: bool = False, spec: ModelSpec | None = None,
+                 grad_bucket_bytes: int = 64 << 20):
         parallel_cfg.validate(model_cfg, dims.world_size)
         self.model_cfg, self.parallel_cfg, self.dims = model_cfg, parallel_cfg, dims
         self.spec = spec or model_spec(model_cfg)
@@ -102,11 +114,9 @@ class ParallelEngine:
         self.sequence_parallel = parallel_cfg.sequence_parallel and self.tp > 1
         self.use_fsdp = parallel_cfg.dp_shard == "fsdp"
         self.sync_grads_every_microbatch = sync_grads_every_microbatch
-        param_dtype, reduce_dtype = fsdp_dtypes(parallel_cfg.mixed_precision, self.device)
-        if param_dtype is not None and not self.use_fsdp:
-            raise NotImplementedError("bf16 mixed precision is implemented through FSDP2's MixedPrecisionPolicy; "
-                                      "use parallel.dp_shard='fsdp' (it also works with dp=1)")
-        self.act_dtype = param_dtype or torch.float32
+        # bf16 through FSDP2's MixedPrecisionPolicy, or through autocast without FSDP.
+        self.precision = precision_plan(parallel_cfg.mixed_precision, self.device, self.use_fsdp)
+        self.act_dtype = self.precision.hidden_dtype
 
         virtual = parallel_cfg.virtual_stages if self.pp > 1 else 1
         self.num_stages = self.pp * virtual
@@ -128,11 +138,15 @@ class ParallelEngine:
                                              embedding=sid == 0, head=sid == self.num_stages - 1)
             self.layout.update(part.checkpoint_layout())  # declared before FSDP wraps the parameters
             apply_recompute(self.spec.blocks(part), parallel_cfg.recompute, self.spec.selective_recompute)
+            if parallel_cfg.compile:  # after recompute, before FSDP (see apply_compile)
+                apply_compile(self.spec.blocks(part), parallel_cfg.compile_backend)
             if self.use_fsdp:
                 # Under PP each micro-batch's backward comes later in the schedule: keeping the gathered
                 # parameters after forward avoids an all-gather per micro-batch (torchtitan does the same).
-                apply_fsdp(part, self.spec.blocks(part), dims.dp_mesh, param_dtype=param_dtype,
-                           reduce_dtype=reduce_dtype, reshard_after_forward=self.pp == 1)
+                apply_fsdp(part, self.spec.blocks(part), dims.dp_mesh, param_dtype=self.precision.fsdp_param_dtype,
+                           reduce_dtype=self.precision.reduce_dtype, reshard_after_forward=self.pp == 1)
+            if self.precision.autocast_dtype is not None:
+                apply_autocast(part, self.precision.autocast_dtype, self.device.type)
             part.to_empty(device=self.device)
             self.model_parts.append(part)
         self._sp_params = sp_grad_params(self.layout) if self.sequence_parallel else []
@@ -143,13 +157,22 @@ class ParallelEngine:
             self._runner = PipelineRunner(
                 self.model_parts, self.stage_ids, self.num_stages, dims.pp_group, parallel_cfg.pp_schedule,
                 self.device, model_cfg.hidden_size, model_cfg.vocab_size // self.tp,
-                self.tp if self.sequence_parallel else 1, self.act_dtype)
+                self.tp if self.sequence_parallel else 1, self.precision.hidden_dtype, self.precision.logits_dtype)
         self._metric_names: dict[type, list[str]] = {}
 
-        if full_state_dict is None:
-            self._init_from_seed(seed)
-        else:
+        if full_state_dict is not None:
             self.load_full_state_dict(full_state_dict)
+        elif seed is not None:
+            self._init_from_seed(seed)
+
+        # Replicated DP: all-reduce gradient buckets while the last micro-batch's backward still runs.
+        # Under PP the schedule owns backward (the zero-bubble weight pass fills .grad without the
+        # accumulate hooks), so the pipeline keeps the single bucketed all-reduce after it.
+        self._grad_reducer = None
+        if not self.use_fsdp and self.dp > 1 and self.pp == 1 and parallel_cfg.overlap_grad_reduce:
+            self._grad_reducer = OverlappedGradReducer(self.parameters(), dims.dp_group, bucket_bytes=grad_bucket_bytes,
+                                                       reduce_dtype=self.precision.reduce_dtype)
+        self._grad_bucket_bytes = grad_bucket_bytes
 
     # ------------------------------------------------------------------ parameters and shards
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
@@ -264,6 +287,8 @@ class ParallelEngine:
             for i, mb in enumerate(mbs):
                 if train:
                     set_grad_sync(self.model_parts, self.sync_grads_every_microbatch or i == len(mbs) - 1)
+                    if self._grad_reducer is not None and i == len(mbs) - 1:
+                        self._grad_reducer.arm()  # this backward finishes the gradients: reduce as they land
                     loss_cb(self._forward_local(mb, inputs), i).backward()
                 else:
                     with torch.no_grad():
@@ -273,10 +298,13 @@ class ParallelEngine:
 
     def _finish_grads(self) -> None:
         params = dict(self.named_parameters())
+        if not self.use_fsdp and self.dp > 1:  # replicated DP: sum over DP (sums commute with the TP sum below)
+            if self._grad_reducer is not None:
+                self._grad_reducer.finish()
+            else:
+                all_reduce_grads(list(params.values()), self.dims.dp_group, self._grad_bucket_bytes)
         if self._sp_params:  # norms saw only their sequence shard: sum over TP
             all_reduce_grads([params[n] for n in sorted(self._sp_params) if n in params], self.dims.tp_group)
-        if not self.use_fsdp and self.dp > 1:
-            all_reduce_grads(list(params.values()), self.dims.dp_group)
 
     def _losses(self, microbatches, loss_fn, global_units_: float, train: bool) -> dict:
         mbs = [self._prepare(mb) for mb in microbatches]

@@ -18,8 +18,10 @@ import torch
 
 from megatron_phi4.config import ModelConfig
 
-# Dense bf16 peak TFLOP/s per device, for MFU when the recipe does not set logging.peak_tflops.
-PEAK_TFLOPS_BY_NAME = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
+# Dense bf16 peak TFLOP/s per device by NVIDIA's datasheets (the sparse figure halved), for MFU when the
+# recipe does not set logging.peak_tflops. First match wins: the PCIe/NVL parts before the SXM ones.
+PEAK_TFLOPS_BY_NAME = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H200 NVL": 835.0,
+                       "H200": 989.0, "H100": 989.0, "A100": 312.0}
 
 
 def matmul_params(cfg: ModelConfig) -> int:
@@ -31,12 +33,20 @@ def matmul_params(cfg: ModelConfig) -> int:
     return cfg.num_layers * (attn + mlp) + h * cfg.vocab_size
 
 
-def flops_per_token(cfg: ModelConfig, seq_length: int) -> float:
-    """Training FLOPs per token, forward + backward, by the PaLM convention (Chowdhery et al. 2022,
-    appendix B): ``6 N + 12 L H T`` with N the matmul parameters, L layers, H = heads x head_dim and
-    T the sequence length. The attention term counts the full score matrix (no causal halving), as
-    PaLM and Megatron's reports do, so figures compare across systems."""
-    attention = 12 * cfg.num_layers * cfg.num_attention_heads * cfg.head_dim * seq_length
+def flops_per_token(cfg: ModelConfig, seq_length: int, causal: bool = False) -> float:
+    """Training FLOPs per token, forward + backward (3 matrix multiplies per weight, 2 FLOPs per
+    multiply-add): ``6 N + 12 L H T`` with N the matmul parameters (``matmul_params``: every linear
+    layer and the LM head), L layers, H = heads x head_dim and T the sequence length.
+
+    ``causal=False`` (the trainer's figure): the PaLM convention (Chowdhery et al. 2022, appendix B),
+    which counts the whole ``T x T`` score matrix of ``Q K^T`` and of ``(Q K^T) V``.
+    ``causal=True``: Megatron-LM's convention (``num_floating_point_operations`` in
+    megatron/training/training.py, megatron-core 0.15 and 0.16): only the lower triangle is counted
+    ("causal mask (only half of the mask is non-zero)"), so the attention term is ``6 L H T``;
+    the rest is the same formula (GQA's narrower K/V projections and SwiGLU's three MLP matrices are
+    in N, the logit layer too). ``benchmarks/throughput.py`` reports this one, to compare with
+    Megatron's MFU figures; causal=True gives the lower of the two numbers."""
+    attention = (6 if causal else 12) * cfg.num_layers * cfg.num_attention_heads * cfg.head_dim * seq_length
     return float(6 * matmul_params(cfg) + attention)
 
 

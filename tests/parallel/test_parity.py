@@ -21,6 +21,8 @@ LAYOUTS = [
     ("dp2-fsdp", 2, dict(), "lm", False),
     ("dp2-fsdp-sync-every-microbatch", 2, dict(engine_kwargs=dict(sync_grads_every_microbatch=True)), "lm", False),
     ("dp2-replicated", 2, dict(dp_shard="none"), "lm", True),
+    # replicated DP with its all-reduce overlapping backward while TP/SP collectives run in it too
+    ("tp2-sp-dp2-replicated", 4, dict(tp=2, sequence_parallel=True, dp_shard="none"), "lm", False),
     ("tp2", 2, dict(tp=2), "lm", False),
     ("tp2-sp-full-recompute-packed", 2, dict(tp=2, sequence_parallel=True, recompute="full"), "lm", True),
     ("pp2-1f1b-selective", 2, dict(pp=2, pp_schedule="1f1b", recompute="selective"), "lm", False),

@@ -4,7 +4,7 @@ import json
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from megatron_phi4.config import model_preset
+from megatron_phi4.config import ModelConfig, model_preset
 from megatron_phi4.training.metrics import (MetricsLogger, flops_per_token, matmul_params, memory_metrics,
                                             read_metrics, throughput_metrics)
 
@@ -69,3 +69,17 @@ def test_throughput_and_mfu_arithmetic():
 def test_memory_metrics_on_cpu():
     m = memory_metrics("cpu")
     assert m["mem/max_rss_gb"] > 0.01
+
+
+def test_causal_flops_are_megatrons_formula_for_phi4():
+    """Megatron-LM's num_floating_point_operations (megatron/training/training.py, core_v0.16.1) for
+    a dense GQA model with SwiGLU and no MTP, per token, written out with its own terms."""
+    cfg = ModelConfig()  # Phi-4 14B
+    h, ffn, layers, vocab, s = 5120, 17920, 40, 100352, 4096
+    query, key, value = 128 * 40, 128 * 10, 128 * 10
+    attention = h * (query + key + value) + query * s / 2 * 2 + query * h  # qkv, causal core, out proj
+    mlp = h * ffn * 3  # SwiGLU: h -> 2 ffn, ffn -> h
+    expected = 3 * 2 * (layers * (mlp + attention) + h * vocab)
+    assert flops_per_token(cfg, s, causal=True) == expected
+    # PaLM's full score matrix adds exactly the other half of the attention term.
+    assert flops_per_token(cfg, s) - expected == 6 * layers * query * s
