@@ -102,41 +102,56 @@ def rope_tables(cfg: ModelConfig, mb: MicroBatchShape) -> int:
     return 2 * mb.act_bytes * mb.tokens * cfg.head_dim
 
 
+def head_chunk_tokens(cfg: ModelConfig, mb: MicroBatchShape) -> int:
+    """Tokens per chunk of ``chunked_head_log_probs``: ``model.logits_chunk_tokens``, at most the
+    micro-batch's ``b*s`` (the head flattens the batch; under SP it runs on the gathered sequence)."""
+    return min(cfg.logits_chunk_tokens, mb.tokens)
+
+
 def head_saved(cfg: ModelConfig, mb: MicroBatchShape) -> dict[str, int]:
-    """Final norm, LM head input and the loss's saved tensor (log-softmax output for tp = 1, the
-    softmax for the vocabulary-parallel loss), fp32."""
+    """The final norm and what the fused head (``_ChunkedHeadLogProbs.forward``) saves for backward:
+    its input (the norm output, all-gathered under SP: a*N*h; the weight is a parameter) and, per
+    token, the int64 label index into this rank's vocabulary slice, two bool masks (label in the
+    slice, label ignored) and the fp32 log-normalizer. No logits and no softmax are kept."""
     a, n, ns, h = mb.act_bytes, mb.tokens, mb.stream_tokens, cfg.hidden_size
-    v = cfg.vocab_size // mb.tp
     return {
         "final rmsnorm": 4 * ns * h + a * ns * h + 4 * ns,
         "lm_head input": a * n * h,
-        "loss softmax (fp32)": 4 * n * v,
+        "head label index, masks, log-normalizer": (8 + 1 + 1 + 4) * n,
     }
 
 
-def loss_transient(cfg: ModelConfig, mb: MicroBatchShape, pipelined: bool = False) -> int:
-    """Peak bytes the logits and the loss need on top of ``head_saved`` (max of forward and backward).
-
-    tp = 1 (``losses.base.token_log_probs``): forward holds the logits (a), their fp32 copy (4, a
-    no-op in fp32) and the log-softmax output (saved); backward the gather's output gradient and
-    the log-softmax input gradient (4 + 4) next to the saved output.
-    tp > 1 (``vocab_parallel``): forward holds the logits shard (a), its fp32 copy, the shifted
-    logits and their exp (the saved softmax); backward the fp32 gradient (4) and its cast to the
-    logits' dtype (bf16 only). (Under pipelining the stage keeps the logits until backward: that is
-    counted in ``chunk_saved``, once per in-flight micro-batch, so ``pipelined`` leaves it out here.)
-    """
+def head_forward_moment(cfg: ModelConfig, mb: MicroBatchShape) -> int:
+    """Peak bytes the fused head's forward adds to ``head_saved``: the fp32 label log-probs it fills
+    (4 N) and one chunk's logits, ``c x V'`` fp32 (``linear(...).float()``; exp and the shift are in
+    place), next to the chunk's matmul output in the compute dtype for bf16 (the ``.float()``
+    copy is made from it)."""
     a, n = mb.act_bytes, mb.tokens
-    v = cfg.vocab_size // mb.tp
-    cast = 4 if a != 4 else 0
-    if mb.tp == 1:
-        fwd = a + cast
-        bwd = 8
-    else:
-        fwd = a + cast + 4
-        bwd = 4 + (a if a != 4 else 0)
-    if pipelined:
-        fwd -= a
-    return max(fwd, bwd) * n * v
+    cast = a if a != 4 else 0
+    return 4 * n + head_chunk_tokens(cfg, mb) * (cfg.vocab_size // mb.tp) * (4 + cast)
+
+
+def head_backward_moment(cfg: ModelConfig, mb: MicroBatchShape) -> int:
+    """Peak bytes the fused head's backward (``_ChunkedHeadLogProbs.backward``) adds to the saved
+    tensors. Alive for the whole loop: the input gradient ``grad_x`` (a*N*h, filled chunk by chunk),
+    the fp32 weight-gradient accumulator (4*V'*h, also for bf16 weights: one rounding at the end,
+    like the unchunked product) and the fp32 incoming gradient (4 N). On top, the largest of:
+
+    * one chunk's recomputed logits turned into their gradient in place, fp32 (``c x V' x 4``),
+      next to the matmul output (bf16) it was upcast from or the bf16 cast it is turned into;
+    * (bf16) the chunk's bf16 gradient (``c x V' x 2``) and its weight-gradient product
+      ``d.t() @ xc`` (``V' x h x 2``) before it is added to the accumulator;
+    * (bf16) the accumulator's cast to the weight's dtype at the end (``V' x h x 2``).
+
+    The weight gradient then goes to ``.grad``: added in place where it exists (no FSDP), or kept
+    as the unsharded parameter's gradient until FSDP's post-backward (``transient_peak`` counts it).
+    """
+    a, n, h = mb.act_bytes, mb.tokens, cfg.hidden_size
+    v, c = cfg.vocab_size // mb.tp, head_chunk_tokens(cfg, mb)
+    base = a * n * h + 4 * v * h + 4 * n
+    if a == 4:
+        return base + c * v * 4
+    return base + max(c * v * (4 + a), c * v * a + a * v * h, a * v * h)
 
 
 def chunk_saved(cfg: ModelConfig, mb: MicroBatchShape, recompute: str, n_layers: int, *, embedding: bool,
@@ -150,8 +165,8 @@ def chunk_saved(cfg: ModelConfig, mb: MicroBatchShape, recompute: str, n_layers:
         items["embedding ids and mask"] = 9 * mb.tokens  # int64 ids + bool out-of-shard mask
     if head:
         items.update(head_saved(cfg, mb))
-        if pipelined:  # the schedule keeps the stage output (the logits) until this micro-batch's backward
-            items["logits kept for backward"] = mb.act_bytes * mb.tokens * (cfg.vocab_size // mb.tp)
+        if pipelined:  # the schedule keeps the stage output (fp32 label log-probs) until this micro-batch's backward
+            items["label log-probs kept for backward"] = 4 * mb.tokens
     elif pipelined:
         items["stage output kept for backward"] = mb.act_bytes * mb.stream_tokens * cfg.hidden_size
     return items
