@@ -41,6 +41,9 @@ class MicroBatchShape:
     tp: int
     sequence_parallel: bool
     act_bytes: int  # 2 bf16, 4 fp32
+    # rows of several packed documents (pre-/mid-training, packed SFT) take attention's per-document
+    # path; False: one document per row (DPO, unpacked data)
+    packed_documents: bool = True
 
     @property
     def tokens(self) -> int:
@@ -67,6 +70,7 @@ def block_saved(cfg: ModelConfig, mb: MicroBatchShape, recompute: str) -> dict[s
         "projection inputs": 2 * a * n * h,
         "q, k (RoPE), v": a * n * (qd + 2 * kvd),
         "attention output": a * n * qd,
+        **({"attention output per document (before the concatenation)": a * n * qd} if mb.packed_documents else {}),
         "attention log-sum-exp": 4 * mb.batch * (cfg.num_attention_heads // t) * mb.seq,
         "swiglu gate, silu, up, product": 4 * a * n * f,
     }

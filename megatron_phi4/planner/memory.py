@@ -129,8 +129,10 @@ def _unit_numels(chunks: list[Chunk]) -> dict[str, int]:
 
 
 def rank_memory(model: ModelConfig, layout: Layout, pp_rank: int, *, seq_length: int, global_batch: int,
-                reserve_bytes: int = 0, fragmentation: float = 0.0) -> MemoryBreakdown:
-    """Predicted peak memory of pipeline rank ``pp_rank`` (DP rank 0, which holds the most)."""
+                reserve_bytes: int = 0, fragmentation: float = 0.0, packed_documents: bool = True) -> MemoryBreakdown:
+    """Predicted peak memory of pipeline rank ``pp_rank`` (DP rank 0, which holds the most).
+    ``packed_documents``: rows hold several documents (attention's per-document path, which saves
+    the attention output twice); False for one document per row."""
     chunks = rank_chunks(model, layout, pp_rank)
     state = state_bytes(model, layout, pp_rank, 0, chunks)
     m = layout.microbatches(global_batch)
@@ -153,7 +155,8 @@ def rank_memory(model: ModelConfig, layout: Layout, pp_rank: int, *, seq_length:
             gathered = p_bytes * (sum(n for u, n in padded.items() if u.startswith("root")) + sum(pblocks[:2]))
     accumulate = fsdp and m > 1 and (pipelined or not layout.sync_grads_every_microbatch)
 
-    mb = MicroBatchShape(layout.micro_batch, seq_length, layout.tp, layout.sequence_parallel, layout.act_bytes)
+    mb = MicroBatchShape(layout.micro_batch, seq_length, layout.tp, layout.sequence_parallel, layout.act_bytes,
+                         packed_documents)
     buffers = 0
     if pipelined:
         stream = layout.act_bytes * mb.stream_tokens * model.hidden_size
@@ -225,14 +228,14 @@ def transient_peak(model: ModelConfig, mb: MicroBatchShape, layout: Layout, chun
 
 
 def single_device_activation_peak(model: ModelConfig, *, batch: int, seq: int, recompute: str, act_bytes: int,
-                                  grad_bytes: int) -> dict[str, int]:
+                                  grad_bytes: int, packed_documents: bool = False) -> dict[str, int]:
     """Peak bytes above parameters, gradients and optimizer state of one training micro-batch on one
     device without FSDP (the whole model, tp = pp = 1, ``.grad`` already allocated): the quantity
     the CPU and GPU memory checks measure. Returns ``{"activations", "transient", "total"}``."""
     layout = Layout(1, 1, 1, micro_batch=batch, recompute=recompute, precision="bf16" if act_bytes == 2 else "fp32",
                     dp_shard="none")
     chunks = rank_chunks(model, layout, 0)
-    mb = MicroBatchShape(batch, seq, 1, False, act_bytes)
+    mb = MicroBatchShape(batch, seq, 1, False, act_bytes, packed_documents)
     saved = chunk_saved(model, mb, recompute, model.num_layers, embedding=True, head=True, pipelined=False)
     acts = sum(saved.values())
     transient = transient_peak(model, mb, layout, chunks, fsdp=False, pipelined=False, grad_bytes=grad_bytes)
@@ -240,9 +243,10 @@ def single_device_activation_peak(model: ModelConfig, *, batch: int, seq: int, r
 
 
 def peak_memory(model: ModelConfig, layout: Layout, *, seq_length: int, global_batch: int,
-                reserve_bytes: int = 0, fragmentation: float = 0.0) -> MemoryBreakdown:
+                reserve_bytes: int = 0, fragmentation: float = 0.0, packed_documents: bool = True) -> MemoryBreakdown:
     """The pipeline rank with the largest predicted total (stage 0 holds the most micro-batches, the
     last stage the head and the loss)."""
     return max((rank_memory(model, layout, r, seq_length=seq_length, global_batch=global_batch,
-                            reserve_bytes=reserve_bytes, fragmentation=fragmentation) for r in range(layout.pp)),
+                            reserve_bytes=reserve_bytes, fragmentation=fragmentation,
+                            packed_documents=packed_documents) for r in range(layout.pp)),
                key=lambda b: b.total)

@@ -33,11 +33,16 @@ SMALL_VOCAB = dict(vocab_size=1024, hidden_size=256, num_layers=3, num_attention
 LARGE_VOCAB = dict(SMALL_VOCAB, vocab_size=8192)
 
 FOUR_LAYERS = dict(SMALL_VOCAB, num_layers=4)
+# a narrow MLP, so that attention's tensors weigh enough to tell the per-document path apart
+NARROW_MLP = dict(SMALL_VOCAB, intermediate_size=256)
+# the fused head in 4 chunks of 256 tokens (one chunk of logits at a time, not the whole micro-batch's)
+CHUNKED_HEAD = dict(LARGE_VOCAB, logits_chunk_tokens=256)
 
 
-def case(model, tp=1, sp=False, seq=1024, recompute="none", pp=1, dp=1, dp_shard="none", microbatches=1):
+def case(model, tp=1, sp=False, seq=1024, recompute="none", pp=1, dp=1, dp_shard="none", microbatches=1,
+         documents=1):
     return dict(config=model, tp=tp, sequence_parallel=sp, seq=seq, recompute=recompute, pp=pp, dp=dp,
-                dp_shard=dp_shard, microbatches=microbatches, batch=1)
+                dp_shard=dp_shard, microbatches=microbatches, batch=1, documents=documents)
 
 
 CASES = {
@@ -45,7 +50,11 @@ CASES = {
     "tp2-sp-seq1024-none": case(SMALL_VOCAB, tp=2, sp=True),
     "tp2-seq1024-full": case(SMALL_VOCAB, tp=2, recompute="full"),
     "tp2-sp-seq512-selective": case(SMALL_VOCAB, tp=2, sp=True, seq=512, recompute="selective"),
-    "tp1-seq256-full-large-vocab": case(LARGE_VOCAB, seq=256, recompute="full"),  # the loss's transient dominates
+    "tp1-seq256-full-large-vocab": case(LARGE_VOCAB, seq=256, recompute="full"),  # the head's transient dominates
+    "tp1-seq1024-full-chunked-head": case(CHUNKED_HEAD, recompute="full"),  # 4 chunks of 256 tokens
+    # packed rows (4 documents): per-document SDPA, whose outputs are saved besides their concatenation
+    "tp1-seq1024-none-packed": case(NARROW_MLP, documents=4),
+    "tp2-sp-seq1024-none-packed": case(NARROW_MLP, tp=2, sp=True, documents=4),
     "tp2-sp-seq1024-none-large-vocab": case(LARGE_VOCAB, tp=2, sp=True),
     # FSDP buffers: gathered parameters and fp32 unsharded gradients accumulated over 2 micro-batches
     "dp2-fsdp-2mb": case(FOUR_LAYERS, seq=512, dp=2, dp_shard="fsdp", microbatches=2),
@@ -72,7 +81,7 @@ def predicted(spec, pp_rank: int = 0) -> int:
     layout = Layout(spec["tp"], spec["pp"], spec["dp"], recompute=spec["recompute"], precision="fp32",
                     sequence_parallel=spec["sequence_parallel"], dp_shard=spec["dp_shard"])
     mem = rank_memory(ModelConfig(**spec["config"]), layout, pp_rank, seq_length=spec["seq"],
-                      global_batch=spec["microbatches"] * spec["dp"])
+                      global_batch=spec["microbatches"] * spec["dp"], packed_documents=spec["documents"] > 1)
     return mem.activations + mem.transient + mem.gathered_parameters + mem.accumulated_gradients
 
 
