@@ -16,14 +16,29 @@ Per decoder block (no recompute)::
     projection inputs    norm output, all-gathered under SP  2 * a*N*h   (q/k/v share one, gate/up one)
     attention            q, k after RoPE, v                  a*N*(qd + 2 kvd)
                          output (o_proj's input is a view)   a*N*qd
+                         packed rows: the per-document       a*N*qd
+                         outputs SDPA saves, besides their
+                         concatenation (o_proj's input)
                          log-sum-exp, fp32                   4*b*heads/tp*s
     SwiGLU               gate, silu(gate), up, product       4 * a*N*f
 
+Attention (``layers/attention.py``) never builds an ``[s, s]`` mask: one-document rows call causal
+SDPA once, packed rows once per document (q, k, v are views of the RoPE outputs, and the
+log-sum-exps of all documents add up to one row's), then ``torch.cat`` the per-document outputs:
+that copy is o_proj's input, while each SDPA call keeps its own output for its backward.
 In fp32 the casts ``x.float()`` / ``.to(x.dtype)`` are no-ops, so the "fp32 input" is the block
 input itself and the "normalized x" the fp32 product: the byte counts above hold for both.
-``selective`` recompute drops what core attention alone saves (its log-sum-exp: with a fused
-kernel there are no ``s^2`` scores to drop, its output stays alive as o_proj's input), ``full``
-keeps only each block's input ``a*Ns*h`` and re-runs one block at a time in backward.
+``selective`` recompute drops what core attention alone saves (its log-sum-exp and, for packed
+rows, the per-document outputs: with a fused kernel there are no ``s^2`` scores to drop, and the
+output o_proj reads stays alive), ``full`` keeps only each block's input ``a*Ns*h`` and re-runs
+one block at a time in backward.
+
+After the last block, the LM head is fused with the log-softmax (``LMHead.label_log_probs`` ->
+``chunked_head_log_probs``): it saves only its input and a few bytes per token; one chunk of
+``logits_chunk_tokens`` tokens' fp32 logits exists at a time, in forward and again (recomputed)
+in backward, next to an fp32 accumulator of the head's weight gradient (``head_forward_moment``,
+``head_backward_moment``). Between pipeline stages the last stage hands over fp32 label
+log-probs (``4 N`` bytes), not logits.
 """
 from __future__ import annotations
 
@@ -74,8 +89,9 @@ def block_saved(cfg: ModelConfig, mb: MicroBatchShape, recompute: str) -> dict[s
         "attention log-sum-exp": 4 * mb.batch * (cfg.num_attention_heads // t) * mb.seq,
         "swiglu gate, silu, up, product": 4 * a * n * f,
     }
-    if recompute == "selective":
+    if recompute == "selective":  # core attention re-runs: only its inputs (q, k, v) and o_proj's input stay
         items.pop("attention log-sum-exp")
+        items.pop("attention output per document (before the concatenation)", None)
     return items
 
 
