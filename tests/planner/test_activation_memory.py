@@ -4,16 +4,18 @@ Each case runs ``_measure_activations.py`` in a fresh process (gloo ranks forked
 trainer's engine in fp32, RSS high-water mark during one training step minus RSS once parameters,
 gradients and AdamW state exist. The planner's prediction for the same layout and rank is
 ``activations + transient`` of ``rank_memory`` (the saved tensors of the micro-batches the schedule
-holds plus the largest once-per-micro-batch peak: the loss, the LM head's backward or a block's
+holds plus the largest once-per-micro-batch peak: the fused LM head's forward or backward, or a block's
 backward) plus, with FSDP, the gathered parameters and the accumulated fp32 gradients.
 
-Tolerance: 5 % of the prediction. Observed: within 1.5 %, except FSDP with pp = 1 (-3.3 %: the
-planner counts the root unit plus two gathered blocks, while at the loss only the root and one
-block are gathered). The same model matched CUDA bf16 runs of a 4-layer Phi-4 slice at 4K and 16K
-within 0.01 % (docs/planner.md). What is not modelled and makes up the rest: tensors under 64 KiB
-(per-position RMSNorm statistics, masks, position ids, Python and autograd bookkeeping) that the
-allocator keeps in heap arenas, page rounding of every mmap, gloo's communication buffers, and
-autograd temporaries smaller than the largest one.
+Tolerance: 5 % of the prediction. Observed: within 1.2 % on every rank of every case (table in
+docs/planner.md). The cases cover the terms that decide the peak: blocks, recompute modes, SP, the
+fused chunked LM head (one chunk of logits at a time, several chunks in the chunked-head case),
+packed rows (per-document attention), FSDP's gathered parameters and accumulated gradients, and
+1F1B. The block terms also matched CUDA bf16 runs of a 4-layer Phi-4 slice at 4K and 16K within
+0.01 %, measured before the head was fused (docs/planner.md). What is not modelled and makes up
+the rest: tensors under 64 KiB (per-position RMSNorm statistics, position ids, per-token head
+tensors, Python and autograd bookkeeping) that the allocator keeps in heap arenas, page rounding
+of every mmap, gloo's communication buffers, and autograd temporaries smaller than the largest one.
 """
 from __future__ import annotations
 
