@@ -16,7 +16,9 @@
 
 Prints a table and writes every number to ``--json``. Runs on CPU too (``--device cpu --tiny``)
 as a smoke test; the figures that matter come from a GPU. The H200 run behind the planner's
-defaults is in ``benchmarks/results/planner_calibration_h200.{json,log}`` (docs/planner.md).
+defaults is in ``benchmarks/results/planner_calibration_h200.{json,log}`` (docs/planner.md); it
+was made at commit c95ce39, before the LM head was fused with the loss (the slice then returned
+whole logits and the loss upcast them): its memory rows measured that older head, not this one.
 """
 from __future__ import annotations
 
@@ -88,7 +90,7 @@ def attention_rate(seq, heads, kv_heads, head_dim, dev, dtype) -> tuple[float, f
 def model_slice(cfg, seq, recompute, dev, dtype):
     """Measured (peak bytes above steady state, fwd+bwd seconds) of one micro-batch."""
     from megatron_phi4.distributed.recompute import apply_recompute
-    from megatron_phi4.losses import LMLoss
+    from megatron_phi4.losses import LabelLogProbs, LMLoss
     from megatron_phi4.models.phi4.model import Phi4Model
     from megatron_phi4.models.spec import model_spec
 
@@ -105,8 +107,8 @@ def model_slice(cfg, seq, recompute, dev, dtype):
     batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
     loss_fn = LMLoss()
 
-    def step():
-        out = loss_fn(model(batch["input_ids"]), batch)
+    def step():  # as the engine runs LMLoss: the head fused with the log-softmax, chunk by chunk
+        out = loss_fn(LabelLogProbs(model(batch["input_ids"], labels=batch["labels"])), batch)
         (out.loss_sum / out.units).backward()
 
     step()

@@ -64,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--gpu-memory", type=_positive("--gpu-memory"), default=hw.gpu_memory_gib, help="GiB per GPU")
     ap.add_argument("--seq-length", type=int, default=4096)
     ap.add_argument("--global-batch", type=int, required=True, help="sequences per optimizer step")
+    ap.add_argument("--one-document-per-row", action="store_true",
+                    help="rows hold one document (DPO, unpacked data); default: packed documents, whose "
+                         "per-document attention saves its output twice")
+    ap.add_argument("--logits-chunk-tokens", type=int, default=None,
+                    help="model.logits_chunk_tokens (tokens per chunk of the fused LM head); default: the preset's")
     g = ap.add_argument_group("machine model (GB = 1e9 bytes)")
     g.add_argument("--gpus-per-node", type=int, default=hw.gpus_per_node)
     g.add_argument("--matmul-tflops", type=_positive("--matmul-tflops"), default=hw.matmul_tflops,
@@ -106,11 +111,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
     for flag, value in (("--gpus", args.gpus), ("--seq-length", args.seq_length), ("--global-batch", args.global_batch),
-                        ("--gpus-per-node", args.gpus_per_node)):
+                        ("--gpus-per-node", args.gpus_per_node),
+                        ("--logits-chunk-tokens", 1 if args.logits_chunk_tokens is None else args.logits_chunk_tokens)):
         if value < 1:
             ap.error(f"{flag}: must be >= 1, got {value}")
     try:
-        model = model_preset(args.model)
+        overrides = {} if args.logits_chunk_tokens is None else {"logits_chunk_tokens": args.logits_chunk_tokens}
+        model = model_preset(args.model, **overrides)
     except ConfigError as e:
         ap.error(str(e))
     hw = Hardware(matmul_tflops=args.matmul_tflops, attention_tflops=args.attention_tflops,
@@ -126,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
                         pp_head_cost=args.pp_head_cost)
     try:
         result = plan_layouts(model, args.gpus, seq_length=args.seq_length, global_batch=args.global_batch,
-                              hw=hw, space=space)
+                              hw=hw, space=space, packed_documents=not args.one_document_per_row)
     except ValueError as e:
         ap.error(str(e))
     if args.json:

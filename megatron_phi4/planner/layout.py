@@ -6,7 +6,7 @@ trainer's own ``ParallelConfig`` so the structural checks are the trainer's (``v
 divisible by tp, enough layers for the stages, schedule rules) and the messages are the ones a
 user would get at start-up, word for word. The planner adds the rules the config cannot know:
 the cluster (TP inside a node), the batch (global batch divisible by micro-batch x dp, the
-interleaved schedule's rounds) and what the engine refuses (bf16 without FSDP).
+interleaved schedule's rounds) and what it does not model (bf16 without FSDP: autocast).
 """
 from __future__ import annotations
 
@@ -104,8 +104,9 @@ def structural_problems(layout: Layout, model: ModelConfig, *, global_batch: int
                         f"(tp must divide {gpus_per_node}); its 4 collectives per layer and micro-batch are on the "
                         f"critical path and would cross InfiniBand")
     if layout.precision == "bf16" and layout.dp_shard != "fsdp":
-        problems.append("precision bf16 with dp_shard='none': the engine implements bf16 only through FSDP2's "
-                        "MixedPrecisionPolicy (dp_shard='fsdp', also with dp=1)")
+        problems.append("precision bf16 with dp_shard='none': the engine runs it under torch.autocast (fp32 "
+                        "residual stream, bf16 matmuls), whose activations the planner does not model; plan it "
+                        "with dp_shard='fsdp' (bf16 through FSDP2's MixedPrecisionPolicy, also with dp=1)")
     if layout.sequence_parallel and seq_length % layout.tp:
         problems.append(f"sequence parallelism: seq_length {seq_length} is not divisible by tp={layout.tp}")
     per_step = layout.micro_batch * layout.dp

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from megatron_phi4.config import ModelConfig
 from megatron_phi4.planner.activations import (
-    MicroBatchShape, block_backward_moment, chunk_saved, head_saved, loss_transient,
+    MicroBatchShape, block_backward_moment, chunk_saved, head_backward_moment, head_forward_moment, head_saved,
 )
 from megatron_phi4.planner.layout import Layout
 from megatron_phi4.planner.model_shapes import Chunk, rank_chunks
@@ -129,8 +129,10 @@ def _unit_numels(chunks: list[Chunk]) -> dict[str, int]:
 
 
 def rank_memory(model: ModelConfig, layout: Layout, pp_rank: int, *, seq_length: int, global_batch: int,
-                reserve_bytes: int = 0, fragmentation: float = 0.0) -> MemoryBreakdown:
-    """Predicted peak memory of pipeline rank ``pp_rank`` (DP rank 0, which holds the most)."""
+                reserve_bytes: int = 0, fragmentation: float = 0.0, packed_documents: bool = True) -> MemoryBreakdown:
+    """Predicted peak memory of pipeline rank ``pp_rank`` (DP rank 0, which holds the most).
+    ``packed_documents``: rows hold several documents (attention's per-document path, which saves
+    the attention output twice); False for one document per row."""
     chunks = rank_chunks(model, layout, pp_rank)
     state = state_bytes(model, layout, pp_rank, 0, chunks)
     m = layout.microbatches(global_batch)
@@ -153,7 +155,8 @@ def rank_memory(model: ModelConfig, layout: Layout, pp_rank: int, *, seq_length:
             gathered = p_bytes * (sum(n for u, n in padded.items() if u.startswith("root")) + sum(pblocks[:2]))
     accumulate = fsdp and m > 1 and (pipelined or not layout.sync_grads_every_microbatch)
 
-    mb = MicroBatchShape(layout.micro_batch, seq_length, layout.tp, layout.sequence_parallel, layout.act_bytes)
+    mb = MicroBatchShape(layout.micro_batch, seq_length, layout.tp, layout.sequence_parallel, layout.act_bytes,
+                         packed_documents)
     buffers = 0
     if pipelined:
         stream = layout.act_bytes * mb.stream_tokens * model.hidden_size
@@ -168,17 +171,26 @@ def rank_memory(model: ModelConfig, layout: Layout, pp_rank: int, *, seq_length:
             items[k] = items.get(k, 0) + n * v
             activations += n * v
 
-    # The fp32 unsharded gradients appear with the first backward. After it, the schedule holds as
-    # many micro-batches again only if forwards are left to run (a steady state); otherwise one fewer.
+    # The fp32 unsharded gradients appear with the first backward: there each FSDP unit keeps the
+    # gradients it produces (its share of the accumulation). In a later backward every accumulated
+    # gradient exists; fp32 parameters get fresh gradients added in place into ``.grad``, while bf16
+    # ones keep the unit's bf16 gradients until its post-backward adds them into the fp32
+    # accumulator (FSDP2's ``accumulate_unsharded_grad_if_needed``). The schedule then holds as many
+    # micro-batches again only if forwards are left to run (a steady state), otherwise one fewer.
+    # The peak is the larger of the two moments.
+    grad_bytes = p_bytes if fsdp else FP32
+    transient = transient_peak(model, mb, layout, chunks, fsdp=fsdp, pipelined=pipelined, grad_bytes=grad_bytes)
     accumulated = 0
     if accumulate:
         held = sum(counts)
         steady = m * layout.chunks > held if pipelined else m > 1
         after_first_backward = activations if steady else activations * (held - 1) // held
         accumulated = max(0, after_first_backward + FP32 * all_local - activations)
+        later_moment = transient_peak(model, mb, layout, chunks, fsdp=p_bytes != FP32, pipelined=pipelined,
+                                      grad_bytes=grad_bytes)
+        later = after_first_backward + FP32 * all_local - activations + later_moment
+        transient = max(transient, later) - accumulated
 
-    transient = transient_peak(model, mb, layout, chunks, fsdp=fsdp, pipelined=pipelined,
-                               grad_bytes=p_bytes if fsdp else FP32)
     if fsdp and not accumulate:  # reduce-scatter input (fp32, padded) of the unit being reduced
         transient += FP32 * max(units.values())
     allocated = (state.total + gathered + accumulated + buffers + activations + transient)
@@ -191,11 +203,14 @@ def transient_peak(model: ModelConfig, mb: MicroBatchShape, layout: Layout, chun
                    pipelined: bool, grad_bytes: int) -> int:
     """The largest of the moments that come once per micro-batch on top of the saved activations:
 
-    * the loss (forward or backward, ``loss_transient``) on the head chunk;
-    * the LM head's backward: the logits' gradient and the head's fresh weight gradient;
+    * the fused LM head + log-softmax on the head chunk, forward (one chunk of fp32 logits) or
+      backward (``head_backward_moment``: the recomputed chunk, the fp32 weight-gradient
+      accumulator, the input gradient);
     * a block's backward (``block_backward_moment``; gradients in the compute dtype under FSDP,
       fp32 ``.grad`` increments without); under FSDP the head chunk's root unit (final norm + LM
-      head) also keeps its gradient until the chunk's backward ends. The head's own saved tensors
+      head) also keeps its gradient until the chunk's backward ends. (``fsdp=False`` also describes
+      an FSDP backward whose unsharded gradients already exist from an earlier micro-batch: fresh
+      gradients are then added in place, as without FSDP.) The head's own saved tensors
       are gone by then, so they are not counted twice.
     """
     block_tensors = [t for c in chunks for t in c.tensors if t.unit.startswith("layers.")]
@@ -208,23 +223,19 @@ def transient_peak(model: ModelConfig, mb: MicroBatchShape, layout: Layout, chun
                                          if t.unit.startswith("root"))
     moments = [block_moment - (sum(head_saved(model, mb).values()) if head_chunk else 0)]
     if head_chunk:
-        v = model.vocab_size // mb.tp
-        moments.append(loss_transient(model, mb, pipelined))
-        grad_logits = (4 + (mb.act_bytes if mb.act_bytes != 4 else 0)) * mb.tokens * v
-        head_weight = max(t.numel for c in chunks if c.head for t in c.tensors if t.name.endswith("lm_head.weight"))
-        moments.append(grad_logits + grad_bytes * head_weight - 4 * mb.tokens * v)  # the saved softmax is freed
+        moments += [head_forward_moment(model, mb), head_backward_moment(model, mb)]
     return max(0, *moments)
 
 
 def single_device_activation_peak(model: ModelConfig, *, batch: int, seq: int, recompute: str, act_bytes: int,
-                                  grad_bytes: int) -> dict[str, int]:
+                                  grad_bytes: int, packed_documents: bool = False) -> dict[str, int]:
     """Peak bytes above parameters, gradients and optimizer state of one training micro-batch on one
     device without FSDP (the whole model, tp = pp = 1, ``.grad`` already allocated): the quantity
     the CPU and GPU memory checks measure. Returns ``{"activations", "transient", "total"}``."""
     layout = Layout(1, 1, 1, micro_batch=batch, recompute=recompute, precision="bf16" if act_bytes == 2 else "fp32",
                     dp_shard="none")
     chunks = rank_chunks(model, layout, 0)
-    mb = MicroBatchShape(batch, seq, 1, False, act_bytes)
+    mb = MicroBatchShape(batch, seq, 1, False, act_bytes, packed_documents)
     saved = chunk_saved(model, mb, recompute, model.num_layers, embedding=True, head=True, pipelined=False)
     acts = sum(saved.values())
     transient = transient_peak(model, mb, layout, chunks, fsdp=False, pipelined=False, grad_bytes=grad_bytes)
@@ -232,9 +243,10 @@ def single_device_activation_peak(model: ModelConfig, *, batch: int, seq: int, r
 
 
 def peak_memory(model: ModelConfig, layout: Layout, *, seq_length: int, global_batch: int,
-                reserve_bytes: int = 0, fragmentation: float = 0.0) -> MemoryBreakdown:
+                reserve_bytes: int = 0, fragmentation: float = 0.0, packed_documents: bool = True) -> MemoryBreakdown:
     """The pipeline rank with the largest predicted total (stage 0 holds the most micro-batches, the
     last stage the head and the loss)."""
     return max((rank_memory(model, layout, r, seq_length=seq_length, global_batch=global_batch,
-                            reserve_bytes=reserve_bytes, fragmentation=fragmentation) for r in range(layout.pp)),
+                            reserve_bytes=reserve_bytes, fragmentation=fragmentation,
+                            packed_documents=packed_documents) for r in range(layout.pp)),
                key=lambda b: b.total)

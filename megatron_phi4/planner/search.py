@@ -105,7 +105,8 @@ def enumerate_layouts(model: ModelConfig, gpus: int, space: SearchSpace, gpus_pe
                              pp_head_cost=head_cost if pp > 1 else 0.0, sync_grads_every_microbatch=sync)
 
 
-def evaluate(model: ModelConfig, layout: Layout, *, seq_length: int, global_batch: int, hw: Hardware) -> Candidate:
+def evaluate(model: ModelConfig, layout: Layout, *, seq_length: int, global_batch: int, hw: Hardware,
+             packed_documents: bool = True) -> Candidate:
     """Rules, memory, time for one layout."""
     cand = Candidate(layout)
     cand.problems = structural_problems(layout, model, global_batch=global_batch, seq_length=seq_length,
@@ -113,7 +114,8 @@ def evaluate(model: ModelConfig, layout: Layout, *, seq_length: int, global_batc
     if cand.problems:
         return cand
     cand.memory = peak_memory(model, layout, seq_length=seq_length, global_batch=global_batch,
-                              reserve_bytes=int(hw.reserve_gib * GIB), fragmentation=hw.fragmentation)
+                              reserve_bytes=int(hw.reserve_gib * GIB), fragmentation=hw.fragmentation,
+                              packed_documents=packed_documents)
     cand.time = step_time(model, layout, seq_length=seq_length, global_batch=global_batch, hw=hw)
     budget = hw.gpu_memory_gib * GIB
     if cand.memory.total > budget:
@@ -133,8 +135,10 @@ class PlanResult:
 
 
 def plan_layouts(model: ModelConfig, gpus: int, *, seq_length: int, global_batch: int, hw: Hardware | None = None,
-                 space: SearchSpace | None = None, layouts: Iterable[Layout] | None = None) -> PlanResult:
-    """Every candidate layout, feasible ones fastest first (within 1%: less memory first)."""
+                 space: SearchSpace | None = None, layouts: Iterable[Layout] | None = None,
+                 packed_documents: bool = True) -> PlanResult:
+    """Every candidate layout, feasible ones fastest first (within 1%: less memory first).
+    ``packed_documents``: rows of several packed documents (the pre-training data); False: one per row."""
     hw = hw or Hardware()
     space = space or SearchSpace()
     if gpus < 1:
@@ -144,7 +148,8 @@ def plan_layouts(model: ModelConfig, gpus: int, *, seq_length: int, global_batch
     layouts = layouts if layouts is not None else enumerate_layouts(model, gpus, space, hw.gpus_per_node)
     feasible, infeasible = [], []
     for layout in layouts:
-        cand = evaluate(model, layout, seq_length=seq_length, global_batch=global_batch, hw=hw)
+        cand = evaluate(model, layout, seq_length=seq_length, global_batch=global_batch, hw=hw,
+                        packed_documents=packed_documents)
         (feasible if cand.feasible else infeasible).append(cand)
     # Predicted times closer than ~1% are a tie for a model of this accuracy: the one using less
     # memory (more headroom) goes first.

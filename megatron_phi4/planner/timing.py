@@ -4,17 +4,17 @@ A model, not a measurement; every rate is a ``Hardware`` parameter. Per micro-ba
 chunk (``chunk_time``):
 
 * **matmuls**: ``2 N x (matmul parameters of the chunk) / tp`` FLOPs forward, twice that backward,
-  at ``matmul_tflops`` (``fp32_matmul_tflops`` for fp32 layouts);
+  at ``matmul_tflops`` (``fp32_matmul_tflops`` for fp32 layouts); the LM head three times its
+  forward in backward (the fused chunked head recomputes its logits);
 * **attention**: causal flash attention, ``2 b s^2 H / tp`` FLOPs forward per layer (the causal
   half of QK^T and PV), 2.5x that backward (flash's backward recomputes the scores), at
   ``Hardware.attention_rate(seq)`` (measured on an H200 unless ``--attention-tflops`` is given);
-* **memory-bound kernels** (norms, RoPE, SwiGLU's product, residual adds, casts, the softmax of
-  the loss): ``ELEMENTWISE_TRAFFIC`` x the bytes the chunk saves for backward, at ``hbm_gb_per_s``;
+* **memory-bound kernels** (norms, RoPE, SwiGLU's product, residual adds, casts): ``ELEMENTWISE_TRAFFIC`` x the bytes the chunk saves for backward, at ``hbm_gb_per_s``;
 * **recompute**: full adds the blocks' forward again, selective the attention forward;
 * **TP**: per layer 2 all-reduces forward and 2 backward (2 more when full recompute re-runs the
   forward) of ``a N h`` bytes - reduce-scatter + all-gather under SP, the same volume - on the
   critical path, ring cost ``2 (t-1)/t x bytes / nvlink_gb_per_s``; plus the embedding's and LM
-  head's all-reduces and the loss's three small ones;
+  head's all-reduces and the fused head's two small ones per chunk of ``logits_chunk_tokens``;
 * **PP**: one activation and one gradient transfer per micro-batch and chunk boundary,
   ``a Ns h`` bytes over InfiniBand when neighbouring stages sit on different nodes, exposed.
 
@@ -142,7 +142,8 @@ def chunk_time(cfg: ModelConfig, layout: Layout, chunk: Chunk, seq: int, hw: Har
                             pipelined=False).values())
     elementwise = ELEMENTWISE_TRAFFIC * saved / (hw.hbm_gb_per_s * 1e9)
     fwd = layers * (block_mm / mm_rate + att / att_rate) + head_mm / mm_rate + elementwise / 3
-    bwd = layers * (2 * block_mm / mm_rate + ATTENTION_BACKWARD_FACTOR * att / att_rate) + 2 * head_mm / mm_rate
+    # the fused head recomputes each chunk's logits in backward: three head matmuls, not two
+    bwd = layers * (2 * block_mm / mm_rate + ATTENTION_BACKWARD_FACTOR * att / att_rate) + 3 * head_mm / mm_rate
     bwd += 2 * elementwise / 3
     if layout.recompute == "full":
         bwd += layers * (block_mm / mm_rate + att / att_rate) + elementwise / 3
@@ -155,7 +156,11 @@ def chunk_time(cfg: ModelConfig, layout: Layout, chunk: Chunk, seq: int, hw: Har
         per_layer = 4 + (2 if layout.recompute == "full" else 0)
         tp_comm = layers * per_layer * ar + (ar if chunk.embedding else 0.0)
         if chunk.head:
-            tp_comm += ar + 3 * 2 * _ring(4 * n, t, hw.nvlink_gb_per_s, hw.nvlink_step_latency_us, hw)
+            # per chunk of c tokens: the row max (4c bytes) and the two sums (8c), forward only
+            c = min(cfg.logits_chunk_tokens, n)
+            chunks = -(-n // c)
+            tp_comm += ar + chunks * 2 * (_ring(4 * c, t, hw.nvlink_gb_per_s, hw.nvlink_step_latency_us, hw)
+                                          + _ring(8 * c, t, hw.nvlink_gb_per_s, hw.nvlink_step_latency_us, hw))
     pp_comm = 0.0
     if layout.pp > 1:
         stream = a * mb.stream_tokens * cfg.hidden_size

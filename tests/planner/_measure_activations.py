@@ -1,7 +1,8 @@
 """Measure one training micro-batch's peak host memory above the steady state (run in a fresh process).
 
     python tests/planner/_measure_activations.py '{"config": {...}, "tp": 1, "sequence_parallel": false,
-                                                   "batch": 1, "seq": 512, "recompute": "none"}'
+                                                   "batch": 1, "seq": 512, "recompute": "none",
+                                                   "documents": 1}'
 
 prints one JSON line: a list, per TP rank, of ``{"baseline": RSS bytes, "peak": VmHWM bytes,
 "delta": peak - baseline}``.
@@ -50,9 +51,14 @@ def _rank(rank, world, spec):
     opt = torch.optim.AdamW(engine.parameters(), lr=1e-4)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, cfg.vocab_size, (spec["batch"], spec["seq"] + 1), generator=g)
-    mbs = [{"input_ids": ids[:, :-1].contiguous(), "labels": ids[:, 1:].contiguous(),
-            "position_ids": torch.arange(spec["seq"]).expand(spec["batch"], -1).contiguous()}
-           for _ in range(spec.get("microbatches", 1))]
+    mb = {"input_ids": ids[:, :-1].contiguous(), "labels": ids[:, 1:].contiguous(),
+          "position_ids": torch.arange(spec["seq"]).expand(spec["batch"], -1).contiguous()}
+    docs = spec.get("documents", 1)
+    if docs > 1:  # packed rows: `docs` equal documents per row (attention's per-document path)
+        length = spec["seq"] // docs
+        mb["document_ids"] = (torch.arange(spec["seq"]) // length).expand(spec["batch"], -1).contiguous()
+        mb["position_ids"] = (torch.arange(spec["seq"]) % length).expand(spec["batch"], -1).contiguous()
+    mbs = [dict(mb) for _ in range(spec.get("microbatches", 1))]
     loss_fn = LMLoss()
     units = engine.global_units(mbs, loss_fn)
     engine.forward_backward(mbs, loss_fn, units)

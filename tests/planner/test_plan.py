@@ -64,7 +64,7 @@ def test_16k_midtraining_needs_recompute_and_has_an_answer(capsys):
     (Layout(5, 1, 384), "must sit inside one node of 8 GPUs"),
     (Layout(5, 1, 384, sequence_parallel=True), "seq_length 4096 is not divisible by tp=5"),
     (Layout(2, 1, 960, micro_batch=4), "global batch 5760 is not divisible by micro_batch x dp = 4 x 960"),
-    (Layout(2, 1, 960, dp_shard="none"), "bf16 only through FSDP2"),
+    (Layout(2, 1, 960, dp_shard="none"), "the planner does not model"),
     (Layout(1, 48, 40), "only 40 layers"),
     (Layout(1, 1, 8, recompute="none"), "memory: needs"),
 ])
