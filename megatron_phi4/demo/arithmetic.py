@@ -57,8 +57,7 @@ SPLITS = ("train", "validation", "test")
 # Fractions of the problem universe per split (by hash; see split_of).
 _SPLIT_BOUNDS = (("test", 0.10), ("validation", 0.15))  # u < 0.10: test; u < 0.15: validation
 _SPLIT_SALT = b"megatron_phi4.demo.arithmetic/v1"
-SYSTEM_PROMPT = ("You are a careful arithmetic tutor. Work column by column and give the final "
-                 "answer as \\boxed{N}.")
+SYSTEM_PROMPT = "Work column by column. End with \\boxed{N}."
 COLUMN_NAMES = ("ones", "tens", "hundreds", "thousands", "ten-thousands", "hundred-thousands")
 OPS = ("+", "-", "x")
 _BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
@@ -116,9 +115,9 @@ def split_of(problem: Problem) -> str:
 class TaskSpec:
     """The problem mix: operation weights and operand sizes (digits, inclusive ranges)."""
     op_weights: Tuple[Tuple[str, float], ...] = (("+", 0.4), ("-", 0.3), ("x", 0.3))
-    add_digits: Tuple[int, int] = (2, 4)
-    sub_digits: Tuple[int, int] = (2, 4)
-    mul_digits: Tuple[int, int] = (2, 4)      # the multi-digit factor
+    add_digits: Tuple[int, int] = (2, 3)
+    sub_digits: Tuple[int, int] = (2, 3)
+    mul_digits: Tuple[int, int] = (2, 3)      # the multi-digit factor
     mul_factor: Tuple[int, int] = (2, 9)      # the one-digit factor (a value range)
 
     def __post_init__(self):
@@ -285,13 +284,11 @@ def _fact_lines(rng: random.Random) -> List[str]:
 
 
 def _spelling_lines(rng: random.Random, n_random: int) -> List[str]:
-    """Numbers spelled into digits and back: all of 0..999 (every three-digit chunk the tokenizer
-    can produce) plus random numbers of up to five digits."""
-    nums = list(range(1000)) + [rng.randrange(1000, 100000) for _ in range(n_random)]
-    rng.shuffle(nums)
-    out = []
-    for k, n in enumerate(nums):
-        out.append(f"{n} = {spell(n)}" if k % 2 == 0 else f"{spell(n)} = {n}")
+    """Numbers spelled into digits and back, both directions: all of 0..999 (every chunk of up to
+    three digits the tokenizer can produce) plus ``n_random`` random four-digit numbers."""
+    nums = list(range(1000)) + [rng.randrange(1000, 10000) for _ in range(n_random)]
+    out = [f"{n} = {spell(n)}" for n in nums] + [f"{spell(n)} = {n}" for n in nums]
+    rng.shuffle(out)
     return out
 
 
@@ -303,7 +300,7 @@ def pretrain_documents(problems: Sequence[Problem], seed: int, fact_repeats: int
     rng = random.Random(f"{seed}/pretrain")
     docs = [f"Question: {p.question}\nSolution:\n{worked_solution(p)}" for p in problems]
     for _ in range(fact_repeats):
-        lines = _fact_lines(rng) + _spelling_lines(rng, 2000)
+        lines = _fact_lines(rng) + _spelling_lines(rng, 500)
         rng.shuffle(lines)
         for i in range(0, len(lines), lines_per_document):
             docs.append("\n".join(lines[i:i + lines_per_document]))

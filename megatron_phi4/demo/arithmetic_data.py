@@ -15,12 +15,16 @@ the way a user's data would be built:
 4. trimmed ids -- each indexed dataset rewritten in trimmed ids with the project's writer
    (:func:`~megatron_phi4.demo.trimmed_vocab.trim_indexed_dataset`) under ``bin/``, plus the
    mixture YAMLs ``pretrain.yaml`` / ``pretrain_validation.yaml`` the pre-training stage reads;
-5. problem files (JSONL, one problem per line) under ``problems/``::
+5. problem files (JSONL, one problem per line) under ``problems/``, in the question format of
+   Pivotal Token Search (``tools/pivotal_token_search.py --questions``: ``id``, ``prompt_ids``,
+   ``reference``, ``meta``)::
 
-       {"id": "test-000000", "split": "test", "question": "What is 4821 + 379?",
-        "answer": "5200", "problem": {"a": 4821, "op": "+", "b": 379},
-        "prompt_ids": [...],        # trimmed ids: system + user turns + generation prompt
-        "phi4_prompt_ids": [...]}   # the same prompt in Phi-4 ids
+       {"id": "test-000000",
+        "prompt_ids": [...],            # trimmed ids: system + user turns + generation prompt
+        "reference": "519",             # the exact answer, checked by the task's answer rule
+        "meta": {"split": "test", "question": "What is 482 + 37?",
+                 "problem": {"a": 482, "op": "+", "b": 37},
+                 "phi4_prompt_ids": [...]}}  # the same prompt in Phi-4 ids
 
    ``test.jsonl`` (held out from every stage: evaluation only), ``validation.jsonl`` and
    ``train_pool.jsonl`` (training-split problems used by no pre-training or SFT example: the
@@ -99,7 +103,9 @@ def read_problems(path: str) -> List[dict]:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
-            for k in ("prompt_ids", "answer"):
+            if not isinstance(rec, dict):
+                raise ValueError(f"{path}:{n}: expected a JSON object")
+            for k in ("id", "prompt_ids", "reference"):
                 if k not in rec:
                     raise ValueError(f"{path}:{n}: field {k!r} is missing")
             out.append(rec)
@@ -259,9 +265,10 @@ def _build(root: str, seed: int, sizes: DataSizes, spec: task.TaskSpec, params: 
     for name, qs, split in (("test", test, "test"), ("validation", val_problems, "validation"),
                             ("train_pool", pool, "train")):
         path = os.path.join(root, "problems", f"{name}.jsonl")
-        _write_jsonl(path, ({"id": f"{name}-{i:06d}", "split": split, "question": q.question,
-                             "answer": str(q.answer), "problem": q.to_json(),
-                             "prompt_ids": vocab.to_trimmed(ids), "phi4_prompt_ids": ids}
+        _write_jsonl(path, ({"id": f"{name}-{i:06d}", "prompt_ids": vocab.to_trimmed(ids),
+                             "reference": str(q.answer),
+                             "meta": {"split": split, "question": q.question, "problem": q.to_json(),
+                                      "phi4_prompt_ids": ids}}
                             for i, (q, ids) in enumerate(zip(qs, prompts[name]))))
 
     manifest = {"params": params, "vocab_size": vocab.vocab_size, "vocab_used": vocab.num_used,

@@ -17,6 +17,7 @@ none (nothing for Pivotal Token Search to find) nor all (no room for DPO to impr
 from __future__ import annotations
 
 import copy
+import json
 import os
 import socket
 import time
@@ -114,7 +115,6 @@ def train_arithmetic_model(work_dir: str | os.PathLike, *, seed: int = 1234,
     import torch.distributed as dist
     import yaml
 
-    from megatron_phi4.checkpoint.distributed import stage_final_checkpoint
     from megatron_phi4.distributed import init_distributed
     from megatron_phi4.training.trainer import Trainer
 
@@ -127,6 +127,9 @@ def train_arithmetic_model(work_dir: str | os.PathLike, *, seed: int = 1234,
     tree = arithmetic_recipe(data, vocab, str(run_dir), seed=seed, pretrain_steps=pretrain_steps,
                              sft_steps=sft_steps, model=model, **(recipe_overrides or {}))
     recipe_path = run_dir / "recipe.yaml"
+    if recipe_path.is_file() and yaml.safe_load(recipe_path.read_text()) != json.loads(json.dumps(tree)):
+        raise ValueError(f"{recipe_path}: {work} holds a run with another recipe (other steps, model or "
+                         "data); use another work_dir or delete it")
     created = not dist.is_initialized()
     if created:
         for k, v in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(_free_port())),
@@ -140,7 +143,8 @@ def train_arithmetic_model(work_dir: str | os.PathLike, *, seed: int = 1234,
         vocab.save(run_dir / VOCAB_FILE)
     recipe = _recipe_from_tree(tree, world)
     ckpt_root = run_dir / "checkpoints"
-    done = all(stage_final_checkpoint(ckpt_root, s) is not None for s in ("pretrain", "sft"))
+    pre, sft = _final_checkpoints(ckpt_root)
+    done = pre is not None and sft is not None
     summary: dict = {}
     if not done:
         dims = init_distributed(recipe.parallel, recipe.model)
@@ -149,7 +153,7 @@ def train_arithmetic_model(work_dir: str | os.PathLike, *, seed: int = 1234,
         finally:
             if created and dist.is_initialized():
                 dist.destroy_process_group()
-    pre, sft = stage_final_checkpoint(ckpt_root, "pretrain"), stage_final_checkpoint(ckpt_root, "sft")
+        pre, sft = _final_checkpoints(ckpt_root)
     if pre is None or sft is None:
         raise RuntimeError(f"{run_dir}: training stopped before both stages completed "
                            f"(pretrain: {pre}, sft: {sft}); call again to resume")
@@ -160,6 +164,20 @@ def train_arithmetic_model(work_dir: str | os.PathLike, *, seed: int = 1234,
     return ArithmeticModel(work_dir=str(work), run_dir=str(run_dir), recipe_path=str(recipe_path),
                            pretrain_checkpoint=str(pre), sft_checkpoint=str(sft), vocab=vocab,
                            vocab_path=str(run_dir / VOCAB_FILE), data=data, wall_s=wall, summary=summary)
+
+
+def _final_checkpoints(ckpt_root: Path):
+    """(pretrain, sft) final checkpoints of the lineage ``latest`` belongs to (None when missing):
+    the checkpoint manager only trusts checkpoints of one run's lineage."""
+    from megatron_phi4.checkpoint.manager import CheckpointManager, has_checkpoints, read_trainer_state
+
+    if not has_checkpoints(ckpt_root):
+        return None, None
+    latest = CheckpointManager(ckpt_root).latest()
+    if latest is None:
+        return None, None
+    manager = CheckpointManager(ckpt_root, run_id=read_trainer_state(latest).get("run_id"))
+    return manager.stage_final("pretrain"), manager.stage_final("sft")
 
 
 def _recipe_from_tree(tree: dict, world: int):

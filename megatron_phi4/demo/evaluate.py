@@ -18,9 +18,15 @@ batch's first index, so a run is reproducible for a given seed and batch size).
 
 A trimmed-vocabulary model (the demo's) is evaluated in its own ids: pass its ``vocab``; prompts
 are the records' ``prompt_ids``, generation stops at the trimmed ``<|im_end|>`` / ``<|endoftext|>``
-and completions are decoded through the map. Without ``vocab`` the records' ``phi4_prompt_ids``
-and the Phi-4 stop ids are used. The default checker is the task's answer rule
-(:func:`megatron_phi4.demo.arithmetic.is_correct`: the last ``\\boxed{}`` as a whole integer).
+and completions are decoded through the map (an id that stands for no Phi-4 token decodes as
+U+FFFD, which no answer rule accepts). Without ``vocab`` (a full-vocabulary model, e.g. one
+exported by :func:`megatron_phi4.demo.vocab_export.expand_checkpoint`) the records'
+``meta.phi4_prompt_ids`` and the Phi-4 stop ids are used.
+
+The checker is any ``checker(completion_text, reference) -> truthy``: the default is the task's
+answer rule (:func:`megatron_phi4.demo.arithmetic.is_correct`: the last ``\\boxed{}`` as a whole
+integer); ``NumericAnswerOracle().check`` of ``megatron_phi4.posttrain.oracles`` fits as it is (its
+result is truthy when the answer passed).
 """
 from __future__ import annotations
 
@@ -73,7 +79,7 @@ class EvalResult:
     temperature: float
     seed: int
     wall_s: float
-    # per problem: id, answer, and for each mode whether it was right and the completion text
+    # per problem: id, reference, and for each mode whether it was right and the completion text
     records: List[dict] = field(default_factory=list)
 
     def to_dict(self, with_records: bool = False) -> dict:
@@ -96,9 +102,9 @@ def evaluate_accuracy(model, problems: Sequence[dict], *, vocab=None,
                       min_problems: int = MIN_PROBLEMS, tokenizer=None,
                       log: Optional[Callable[[str], None]] = print) -> EvalResult:
     """Accuracy of ``model`` on ``problems`` (records of a problem file: ``prompt_ids`` /
-    ``phi4_prompt_ids`` and ``answer``; see :mod:`megatron_phi4.demo.arithmetic_data`), for each
-    of ``modes`` ("greedy": temperature 0; "sampled": ``temperature``, seeded). Refuses fewer than
-    ``min_problems`` problems: an interval over a handful says little."""
+    ``meta.phi4_prompt_ids`` and ``reference``; see :mod:`megatron_phi4.demo.arithmetic_data`), for
+    each of ``modes`` ("greedy": temperature 0; "sampled": ``temperature``, seeded). Refuses fewer
+    than ``min_problems`` problems: an interval over a handful says little."""
     from megatron_phi4.tokenizer import get_tokenizer
 
     for m in modes:
@@ -108,10 +114,13 @@ def evaluate_accuracy(model, problems: Sequence[dict], *, vocab=None,
         raise ValueError(f"evaluate_accuracy: {len(problems)} problems < min_problems={min_problems}")
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError("evaluate_accuracy: batch_size and max_new_tokens must be >= 1")
-    key = "prompt_ids" if vocab is not None else "phi4_prompt_ids"
+    prompts_all = []
     for i, rec in enumerate(problems):
-        if key not in rec or "answer" not in rec:
-            raise ValueError(f"problem {i} ({rec.get('id', '?')}): needs {key!r} and 'answer'")
+        ids = rec.get("prompt_ids") if vocab is not None else (rec.get("meta") or {}).get("phi4_prompt_ids")
+        if ids is None or "reference" not in rec:
+            want = "prompt_ids" if vocab is not None else "meta.phi4_prompt_ids"
+            raise ValueError(f"problem {i} ({rec.get('id', '?')}): needs {want!r} and 'reference'")
+        prompts_all.append([int(t) for t in ids])
     tok = tokenizer or get_tokenizer()
     generate = generate_fn or _default_generate()
     check = checker
@@ -124,14 +133,14 @@ def evaluate_accuracy(model, problems: Sequence[dict], *, vocab=None,
         return vocab.decode(ids, tok, errors="replace") if vocab is not None else tok.decode(ids)
 
     t0 = time.time()
-    records = [{"id": r.get("id", i), "answer": str(r["answer"])} for i, r in enumerate(problems)]
+    records = [{"id": r.get("id", i), "reference": str(r["reference"])} for i, r in enumerate(problems)]
     acc = {}
     for mode in modes:
         temp = 0.0 if mode == "greedy" else float(temperature)
         correct = 0
         for start in range(0, len(problems), batch_size):
             batch = problems[start:start + batch_size]
-            prompts = [list(map(int, r[key])) for r in batch]
+            prompts = prompts_all[start:start + batch_size]
             kwargs = dict(max_new_tokens=max_new_tokens, temperature=temp, stop_token_ids=stop)
             if mode == "sampled":
                 kwargs["seed"] = int(seed) * 1_000_003 + start
@@ -140,7 +149,7 @@ def evaluate_accuracy(model, problems: Sequence[dict], *, vocab=None,
                 raise RuntimeError(f"generate_fn returned {len(outs)} results for {len(batch)} prompts")
             for j, (rec, out) in enumerate(zip(batch, outs)):
                 text = decode(out[0].token_ids)
-                ok = bool(check(text, str(rec["answer"])))
+                ok = bool(check(text, str(rec["reference"])))
                 correct += ok
                 records[start + j][mode] = {"correct": ok, "text": text}
             if log is not None:
