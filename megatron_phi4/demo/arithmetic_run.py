@@ -29,7 +29,7 @@ from megatron_phi4.demo.arithmetic import DEFAULT_TASK, TaskSpec
 from megatron_phi4.demo.arithmetic_data import ArithmeticData, DataSizes, write_arithmetic_data
 from megatron_phi4.demo.trimmed_vocab import VOCAB_FILE, TrimmedVocab
 
-__all__ = ["ArithmeticModel", "arithmetic_recipe", "train_arithmetic_model", "DEFAULT_MODEL",
+__all__ = ["ArithmeticModel", "arithmetic_recipe", "train_arithmetic_model", "run_recipe_stages", "DEFAULT_MODEL",
            "DEFAULT_PRETRAIN_STEPS", "DEFAULT_SFT_STEPS"]
 
 # A tiny Phi-4 body: same shape rules as the release (GQA 2:1, SwiGLU, RMSNorm, RoPE, untied head).
@@ -99,6 +99,35 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def set_single_process_env() -> None:
+    """The rendezvous variables of a one-process group (kept where already set, e.g. by torchrun)."""
+    for k, v in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(_free_port())),
+                 ("WORLD_SIZE", "1"), ("RANK", "0")):
+        os.environ.setdefault(k, v)
+
+
+def run_recipe_stages(tree: dict) -> dict:
+    """Run a recipe tree with the project's Trainer in this process (inside an initialized process
+    group, or in a one-process gloo group created and destroyed here); resumes from the run's
+    latest checkpoint. Returns the trainer's summary."""
+    import torch.distributed as dist
+
+    from megatron_phi4.distributed import init_distributed
+    from megatron_phi4.training.trainer import Trainer
+
+    created = not dist.is_initialized()
+    if created:
+        set_single_process_env()
+    world = int(os.environ.get("WORLD_SIZE", 1)) if created else dist.get_world_size()
+    recipe = _recipe_from_tree(tree, world)
+    dims = init_distributed(recipe.parallel, recipe.model)
+    try:
+        return Trainer(recipe, dims).run()
+    finally:
+        if created and dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def train_arithmetic_model(work_dir: str | os.PathLike, *, seed: int = 1234,
                            pretrain_steps: int = DEFAULT_PRETRAIN_STEPS,
                            sft_steps: int = DEFAULT_SFT_STEPS, model: Optional[Dict] = None,
@@ -132,9 +161,7 @@ def train_arithmetic_model(work_dir: str | os.PathLike, *, seed: int = 1234,
                          "data); use another work_dir or delete it")
     created = not dist.is_initialized()
     if created:
-        for k, v in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(_free_port())),
-                     ("WORLD_SIZE", "1"), ("RANK", "0")):
-            os.environ.setdefault(k, v)
+        set_single_process_env()
     world = int(os.environ.get("WORLD_SIZE", 1)) if created else dist.get_world_size()
     rank = int(os.environ.get("RANK", 0)) if created else dist.get_rank()
     if rank == 0:
