@@ -1,7 +1,7 @@
 """The tiny arithmetic Phi-4 that the demo, Pivotal Token Search and DPO-evidence tests share.
 
 ``arithmetic_model`` (the session fixture in tests/conftest.py) calls :func:`get_arithmetic_model`:
-pre-training and SFT run once per test session (CI_TRAINING: about three minutes on two busy
+pre-training and SFT run once per test session (CI_TRAINING: about ten minutes on two busy
 cores), in a forked process so the test process keeps no process group, and every test gets the
 same :class:`~megatron_phi4.demo.arithmetic_run.ArithmeticModel` (checkpoints, ``vocab``, data
 paths: ``model.data.test_problems`` holds the held-out problems, ``train_pool_problems`` the
@@ -17,15 +17,14 @@ from __future__ import annotations
 
 import os
 
-from megatron_phi4.demo.arithmetic_data import DataSizes
 
 __all__ = ["CI_TRAINING", "get_arithmetic_model", "load", "ENV_DIR"]
 
 ENV_DIR = "MEGATRON_PHI4_ARITHMETIC_DIR"
 HANG_GUARD_S = 3600  # only against hangs; training takes minutes
-CI_TRAINING = dict(seed=1234, pretrain_steps=250, sft_steps=250,
-                   sizes=DataSizes(sft_train=4000, sft_valid=100, pretrain_solutions=3000, pretrain_valid=100,
-                                   fact_repeats=4, test=500, validation=500, train_pool=500))
+# The demo's defaults (docs/demo.md): a model trained by benchmarks/posttrain_gain.py or
+# train_arithmetic_model(dir) with no arguments is reusable here through MEGATRON_PHI4_ARITHMETIC_DIR.
+CI_TRAINING = dict(seed=1234)
 
 
 def _train(rank, world, work_dir):

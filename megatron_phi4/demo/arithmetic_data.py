@@ -59,13 +59,15 @@ ARITHMETIC_DATA_VERSION = 1
 class DataSizes:
     """How many items each file holds."""
     sft_train: int = 8000            # SFT conversations (training split)
-    sft_valid: int = 200             # SFT validation conversations (validation split)
-    pretrain_solutions: int = 6000   # worked solutions in the pre-training corpus (training split)
-    pretrain_valid: int = 300        # validation-split worked solutions (pre-training validation)
-    fact_repeats: int = 2            # passes over all number facts in the pre-training corpus
+    sft_valid: int = 100             # SFT validation conversations (validation split)
+    pretrain_solutions: int = 3000   # worked solutions in the pre-training corpus (training split)
+    pretrain_valid: int = 100        # validation-split worked solutions (pre-training validation)
+    # passes over all number facts (one-column steps; 0-999 spelled into digits and back): the
+    # spelling passes are what teach a tiny model to copy the operands' number tokens
+    fact_repeats: int = 12
     test: int = 1000                 # held-out test problems
     validation: int = 500            # validation-split problems
-    train_pool: int = 2000           # fresh training-split problems for PTS / DPO
+    train_pool: int = 1000           # fresh training-split problems for PTS / DPO
 
     def __post_init__(self):
         for k, v in asdict(self).items():

@@ -35,8 +35,8 @@ __all__ = ["ArithmeticModel", "arithmetic_recipe", "train_arithmetic_model", "ru
 # A tiny Phi-4 body: same shape rules as the release (GQA 2:1, SwiGLU, RMSNorm, RoPE, untied head).
 DEFAULT_MODEL: Dict = dict(hidden_size=128, num_layers=4, num_attention_heads=4, num_kv_heads=2,
                            intermediate_size=384, max_seq_length=1024, rope_theta=10000.0, init_std=0.02)
-DEFAULT_PRETRAIN_STEPS = 300
-DEFAULT_SFT_STEPS = 300
+DEFAULT_PRETRAIN_STEPS = 400
+DEFAULT_SFT_STEPS = 700
 
 
 @dataclass
@@ -56,7 +56,7 @@ class ArithmeticModel:
 
 def arithmetic_recipe(data: ArithmeticData, vocab: TrimmedVocab, run_dir: str, *, seed: int = 1234,
                       pretrain_steps: int = DEFAULT_PRETRAIN_STEPS, sft_steps: int = DEFAULT_SFT_STEPS,
-                      model: Optional[Dict] = None, pretrain_lr: float = 3e-3, sft_lr: float = 1e-3,
+                      model: Optional[Dict] = None, pretrain_lr: float = 3e-3, sft_lr: float = 2e-3,
                       pretrain_batch: int = 16, sft_batch: int = 8, micro_batch: int = 8,
                       pretrain_seq: int = 256, sft_seq: int = 512) -> dict:
     """The recipe tree (load it with ``megatron_phi4.config.load_recipe`` after writing it as YAML,

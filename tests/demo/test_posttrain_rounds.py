@@ -23,6 +23,8 @@ def test_oracle_is_the_task_answer_rule():
     assert not o.check(WRONG_ANSWER, "861").passed
     assert not o.check("the answer is 861", "861").passed  # no box: the task's rule, not the numeric oracle's
     assert not o.check("\\boxed{8610}", "861").passed and not o.check("\\boxed{86}", "861").passed
+    assert not o.check("\\boxed{+861}", "861").passed  # a whole integer -?[0-9]+, nothing else
+    assert not o.check("\\boxed{861}\n\\boxed{86}", "861").passed  # the last box answers
     with pytest.raises(ValueError, match="expected an integer"):
         o.check(GOOD, "eight hundred")
     assert [r.passed for r in o.check_many([GOOD, WRONG_ANSWER], "861")] == [True, False]
