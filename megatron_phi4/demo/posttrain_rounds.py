@@ -74,9 +74,11 @@ class PostTrainBudget:
     questions_per_round: int = 96      # training-pool problems per round (round k: pool slice k)
     pts_rollouts: int = 16             # rollouts per p(success) estimate (PTS)
     pts_p_gap: float = 0.2             # PTS pivot threshold (the report's illustration)
-    pts_temperature: float = 1.0       # PTS rollouts sample the model's own distribution
+    # Rollouts and round samples at the evaluation's sampling temperature: at 1.0 the tiny SFT model
+    # is right too rarely for p(success) to fall in PTS's [0.2, 0.8] window or for a correct sample
+    pts_temperature: float = 0.7
     samples_per_question: int = 4      # sampled responses per question (judge / full-response rounds)
-    sample_temperature: float = 1.0
+    sample_temperature: float = 0.7
     max_new_tokens: int = 160          # longest response (a worked solution is ~60-110 tokens)
     max_pairs: int = 256               # distinct pairs a round keeps at most
     dpo_steps: int = 30                # optimizer steps per round

@@ -22,8 +22,8 @@ from megatron_phi4.posttrain.pts_tool import main as pts_main
 from tests.distributed_utils import run_distributed
 
 HANG_GUARD_S = 1800  # only against hangs
-NUM_QUESTIONS = 12
-PTS_OPTIONS = ["--rollouts", "8", "--p-gap", "0.25", "--min-p", "0.1", "--max-p", "0.9", "--max-new-tokens", "160",
+NUM_QUESTIONS = 40
+PTS_OPTIONS = ["--rollouts", "8", "--p-gap", "0.25", "--min-p", "0.1", "--max-p", "0.9", "--max-new-tokens", "160", "--temperature", "0.7",
                "--max-alternatives", "4", "--seed", "3", "--device", "cpu"]
 
 
@@ -108,7 +108,7 @@ def _posttrain_rank(rank, world, m, work_dir, budget, method):
 
 
 def test_posttraining_rounds_run_real_stages_and_resume(arithmetic_model, tmp_path):
-    budget = R.PostTrainBudget(questions_per_round=6, pts_rollouts=8, samples_per_question=4, max_pairs=16,
+    budget = R.PostTrainBudget(questions_per_round=48, pts_rollouts=8, samples_per_question=4, max_pairs=16,
                                dpo_steps=2, dpo_global_batch=4, dpo_micro_batch=2, eval_batch_size=64)
     work = str(tmp_path / "post")
     rep = run_distributed(_posttrain_rank, 1, arithmetic_model, work, budget, "full_response",
