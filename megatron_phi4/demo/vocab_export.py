@@ -55,7 +55,7 @@ def expand_checkpoint(trimmed_checkpoint: str | os.PathLike, output: str | os.Pa
     from megatron_phi4.checkpoint.format import (
         checkpoint_tensor_meta, load_model_weights, read_meta, resolve_checkpoint, save_model_weights,
     )
-    from megatron_phi4.config import ModelConfig
+    from megatron_phi4.config import ModelConfig, from_dict
     from megatron_phi4.tokenizer import PHI4_VOCAB_SIZE
 
     src = resolve_checkpoint(trimmed_checkpoint)
@@ -85,8 +85,8 @@ def expand_checkpoint(trimmed_checkpoint: str | os.PathLike, output: str | os.Pa
     full_head[used] = head[:n]
     weights[EMBEDDING], weights[LM_HEAD] = full_emb, full_head
     model_cfg["vocab_size"] = PHI4_VOCAB_SIZE
-    cfg = ModelConfig(**model_cfg)
-    cfg.validate("model")
+    cfg = from_dict(ModelConfig, model_cfg, "model")  # nested sections (fp8) as their dataclasses
+    cfg.validate("model", check_available=False)
     out = Path(output)
     save_model_weights(weights, out, cfg, overwrite=overwrite, kind="weights",
                        exported_from=str(src), trimmed_vocab={"num_used": n, "vocab_size": vocab.vocab_size,
