@@ -26,6 +26,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work-dir", default="/tmp/posttrain_gain")
     ap.add_argument("--num-eval", type=int, default=500, help="held-out problems (>= 500 for the documented table)")
+    ap.add_argument("--posttrain-dir", default=None, help="post-training work dir (default: WORK_DIR/posttrain)")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--methods", default="pts_judge,full_response")
     ap.add_argument("--budget", default="{}", help="JSON overrides of PostTrainBudget fields")
@@ -48,7 +49,7 @@ def main(argv=None) -> int:
     for method in args.methods.split(","):
         t = time.time()
         reports[method] = run_posttraining(model.sft_checkpoint, vocab=model.vocab, data=model.data,
-                                           work_dir=os.path.join(args.work_dir, "posttrain"), method=method,
+                                           work_dir=args.posttrain_dir or os.path.join(args.work_dir, "posttrain"), method=method,
                                            num_eval=args.num_eval, budget=budget, seed=args.seed)
         times[method] = time.time() - t
     total = time.time() - t0

@@ -71,7 +71,7 @@ EVAL_TEMPERATURE = 0.7
 class PostTrainBudget:
     """What each round may spend; identical for both methods (see the module docstring)."""
 
-    questions_per_round: int = 96      # training-pool problems per round (round k: pool slice k)
+    questions_per_round: int = 400     # training-pool problems per round (round k: pool slice k)
     pts_rollouts: int = 16             # rollouts per p(success) estimate (PTS)
     pts_p_gap: float = 0.2             # PTS pivot threshold (the report's illustration)
     # Rollouts and round samples at the evaluation's sampling temperature: at 1.0 the tiny SFT model
@@ -81,11 +81,11 @@ class PostTrainBudget:
     sample_temperature: float = 0.7
     max_new_tokens: int = 160          # longest response (a worked solution is ~60-110 tokens)
     max_pairs: int = 256               # distinct pairs a round keeps at most
-    dpo_steps: int = 30                # optimizer steps per round
+    dpo_steps: int = 16                # optimizer steps per round
     dpo_global_batch: int = 16         # pairs per step
     dpo_micro_batch: int = 8
     dpo_seq_length: int = 256
-    dpo_lr: float = 5e-5
+    dpo_lr: float = 2e-5
     dpo_beta: float = 0.1
     dpo_loss_type: str = "sigmoid"
     eval_max_new_tokens: int = 160
