@@ -347,7 +347,7 @@ def sample_round(checkpoint: str, questions: Sequence[dict], vocab, path: Path, 
     from megatron_phi4.tokenizer import get_tokenizer
 
     done = {r["id"]: r for r in _read_jsonl(path)}
-    if len(done) != path.is_file() and path.is_file():
+    if path.is_file() and len(path.read_text().splitlines()) != len(done):
         _write_jsonl(path, done.values())  # drop a torn last line before appending
     todo = [q for q in questions if q["id"] not in done]
     if not todo:

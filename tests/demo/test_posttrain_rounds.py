@@ -252,3 +252,36 @@ def test_bad_arguments_fail_before_any_work(fake_run):
     with pytest.raises(ValueError, match="2 x questions_per_round = 10"):
         run("pts_judge", budget=R.PostTrainBudget(questions_per_round=5))
     assert not any(calls.values()) and not (tmp / "work").exists()
+
+
+def test_sampling_resumes_after_a_torn_line(tmp_path, monkeypatch):
+    """sample_round appends one line per question; a killed run's torn last line is dropped and only
+    the questions without a complete line are sampled again."""
+    import megatron_phi4.api
+    import megatron_phi4.generation
+    from megatron_phi4.generation.decoding import Sample
+
+    class Vocab:
+        stop_token_ids = [0]
+
+        def decode(self, ids, tok=None, errors="replace"):
+            return "\\boxed{" + "".join(str(i) for i in ids) + "}"
+
+    asked = []
+
+    def generate(model, prompts, **kw):
+        asked.append(len(prompts))
+        return [[Sample([7, 0], [0.0, 0.0], "stop")] * kw["num_samples"] for _ in prompts]
+
+    monkeypatch.setattr(megatron_phi4.generation, "generate", generate, raising=False)
+    monkeypatch.setattr(megatron_phi4.api, "load_model", lambda ckpt: None)
+    qs = [_problem_record(i, "train", A.Problem(7, "x", 1)) for i in range(5)]
+    path = tmp_path / "samples.jsonl"
+    b = R.PostTrainBudget(samples_per_question=2)
+    first = R.sample_round("ckpt", qs[:3], Vocab(), path, b, 1, lambda s: None, batch_questions=2)
+    assert asked == [2, 1] and all(r["responses"][0]["correct"] for r in first)  # "\boxed{7}" answers 7 x 1
+    with open(path, "a") as f:
+        f.write('{"id": "train-3", "prom')
+    recs = R.sample_round("ckpt", qs, Vocab(), path, b, 1, lambda s: None, batch_questions=2)
+    assert asked == [2, 1, 2] and [r["id"] for r in recs] == [q["id"] for q in qs]
+    assert len(path.read_text().splitlines()) == 5 and recs[:3] == first
