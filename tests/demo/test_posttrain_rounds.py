@@ -285,3 +285,4 @@ def test_sampling_resumes_after_a_torn_line(tmp_path, monkeypatch):
     recs = R.sample_round("ckpt", qs, Vocab(), path, b, 1, lambda s: None, batch_questions=2)
     assert asked == [2, 1, 2] and [r["id"] for r in recs] == [q["id"] for q in qs]
     assert len(path.read_text().splitlines()) == 5 and recs[:3] == first
+    assert [r["id"] for r in R._read_jsonl(path)] == [q["id"] for q in qs]  # the file itself is whole again
