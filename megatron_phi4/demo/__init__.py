@@ -10,4 +10,7 @@ sample-data step.
   vocabulary (:mod:`~megatron_phi4.demo.trimmed_vocab`), and to measure held-out accuracy with
   confidence intervals (:mod:`~megatron_phi4.demo.evaluate`): the shared base for Pivotal Token
   Search, the DPO rounds and the end-to-end demo. See docs/demo.md.
+* :mod:`~megatron_phi4.demo.posttrain_rounds`: PTS -> token-level DPO -> rule-judge DPO on that
+  model, against a full-response DPO baseline on the same budget, each model evaluated on held-out
+  problems (``run_posttraining``; docs/posttraining.md, "Evidence that it teaches").
 """
