@@ -316,6 +316,10 @@ class DataConfig:
     seed: int = 1234
     cache_dir: str | None = None
     num_workers: int = 0
+    # Token ids the data uses for padding and end of document; None: Phi-4's (<|dummy_85|> 100349,
+    # <|endoftext|> 100257). A model on a renumbered vocabulary (the CPU demo's trimmed one) sets its own.
+    pad_id: int | None = None
+    eod_id: int | None = None
 
     def validate(self, prefix: str = "data") -> None:
         _registered(self.kind, f"{prefix}.kind", registry.DATA_KINDS)
@@ -328,6 +332,9 @@ class DataConfig:
             _require(self.mixture is not None, f"{prefix}.mixture", "a pretrain stage needs a mixture spec")
         if self.kind in ("sft", "preference"):
             _require(bool(self.paths), f"{prefix}.paths", f"a {self.kind} stage needs at least one path")
+        for f in ("pad_id", "eod_id"):
+            v = getattr(self, f)
+            _require(v is None or v >= 0, f"{prefix}.{f}", f"must be a token id >= 0 (or unset), got {v}")
         if self.batch_size_ramp is not None:
             _require(len(self.batch_size_ramp) == 3, f"{prefix}.batch_size_ramp",
                      "expected [start, increment, ramp_samples]")
@@ -524,6 +531,10 @@ class RecipeConfig:
             _require(stage.data.seq_length <= self.model.max_seq_length, f"stages.{stage.name}.data.seq_length",
                      f"{stage.data.seq_length} exceeds model.max_seq_length={self.model.max_seq_length} (the longest "
                      f"sequence the model is configured for); raise model.max_seq_length or shorten the stage")
+            for f in ("pad_id", "eod_id"):
+                v = getattr(stage.data, f)
+                _require(v is None or v < self.model.vocab_size, f"stages.{stage.name}.data.{f}",
+                         f"token id {v} is outside the model's vocabulary [0, {self.model.vocab_size})")
             if world_size is not None and stage_name in (None, stage.name):
                 stage.data.check_batch_layout(self.parallel.resolved_dp(world_size), f"stages.{stage.name}.data")
         return self

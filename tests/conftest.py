@@ -20,3 +20,12 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(no_gpu)
         if item.get_closest_marker("te") is not None and not has_te:
             item.add_marker(no_te)
+
+
+@pytest.fixture(scope="session")
+def arithmetic_model(tmp_path_factory):
+    """The tiny arithmetic Phi-4 (pre-trained and SFT'd on the demo task, trimmed vocabulary), trained
+    once per session and shared by the demo, PTS and DPO-evidence tests: an
+    :class:`~megatron_phi4.demo.arithmetic_run.ArithmeticModel` (see tests/arithmetic_model.py)."""
+    from tests.arithmetic_model import get_arithmetic_model
+    return get_arithmetic_model(tmp_path_factory)

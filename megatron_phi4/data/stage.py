@@ -147,14 +147,24 @@ def _build_source(stage_cfg, num_samples: int, *, validation: bool, pad_id: int,
     return builder(req)
 
 
+def _token_ids(data_cfg, pad_id: Optional[int], eod_id: Optional[int]):
+    """Explicit arguments, else the data config's ``pad_id``/``eod_id``, else Phi-4's. A model on a
+    renumbered vocabulary (the CPU demo's trimmed one) sets them in its data config, and the
+    trainer, which passes none, then pads and splits documents with the data's own ids."""
+    pad = pad_id if pad_id is not None else getattr(data_cfg, "pad_id", None)
+    eod = eod_id if eod_id is not None else getattr(data_cfg, "eod_id", None)
+    return (PAD_ID if pad is None else int(pad)), (EOD_ID if eod is None else int(eod))
+
+
 def build_stage_data(stage_cfg, dp_rank: int, dp_size: int, consumed_samples: int, num_steps: int,
-                     *, pad_id: int = PAD_ID, eod_id: int = EOD_ID,
+                     *, pad_id: Optional[int] = None, eod_id: Optional[int] = None,
                      cache_dir: Optional[str] = None, vocab_size: int = PHI4_VOCAB_SIZE,
                      collective: Optional[bool] = None) -> StageData:
     """:class:`StageData` for ``stage_cfg`` (a StageConfig, or a DataConfig for LM losses) with
     ``num_samples = num_samples_for(data, num_steps)`` samples.
 
-    ``vocab_size`` bounds synthetic tokens (pass the model's).
+    ``vocab_size`` bounds synthetic tokens (pass the model's). ``pad_id``/``eod_id``: None takes
+    ``data.pad_id``/``data.eod_id``, else Phi-4's.
 
     ``cache_dir``: where the index arrays are cached and memory-mapped from. The caller decides
     (the trainer passes ``data.cache_dir``, else ``<run_dir>/data_cache``); ``None`` falls back to
@@ -168,6 +178,7 @@ def build_stage_data(stage_cfg, dp_rank: int, dp_size: int, consumed_samples: in
     (the file lock alone then serializes builders).
     """
     data_cfg = getattr(stage_cfg, "data", stage_cfg)
+    pad_id, eod_id = _token_ids(data_cfg, pad_id, eod_id)
     n = num_samples_for(data_cfg, num_steps)
     src = _build_source(stage_cfg, n, validation=False, pad_id=pad_id, eod_id=eod_id,
                         cache_dir=cache_dir, vocab_size=vocab_size, collective=collective)
@@ -175,8 +186,8 @@ def build_stage_data(stage_cfg, dp_rank: int, dp_size: int, consumed_samples: in
 
 
 def build_validation_data(stage_cfg, dp_rank: int, dp_size: int, *,
-                          eval_iters: Optional[int] = None, pad_id: int = PAD_ID,
-                          eod_id: int = EOD_ID, cache_dir: Optional[str] = None,
+                          eval_iters: Optional[int] = None, pad_id: Optional[int] = None,
+                          eod_id: Optional[int] = None, cache_dir: Optional[str] = None,
                           vocab_size: int = PHI4_VOCAB_SIZE,
                           collective: Optional[bool] = None) -> Optional[List[List[Dict]]]:
     """Held-out micro-batches: ``eval_iters`` (default ``stage_cfg.eval_iters``) global batches of
@@ -189,6 +200,7 @@ def build_validation_data(stage_cfg, dp_rank: int, dp_size: int, *,
     data_cfg = getattr(stage_cfg, "data", stage_cfg)
     if not data_cfg.validation:
         return None
+    pad_id, eod_id = _token_ids(data_cfg, pad_id, eod_id)
     iters = int(eval_iters if eval_iters is not None else getattr(stage_cfg, "eval_iters", 1))
     gbs = int(data_cfg.global_batch_size)
     src = _build_source(stage_cfg, iters * gbs, validation=True, pad_id=pad_id, eod_id=eod_id,
