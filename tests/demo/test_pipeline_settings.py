@@ -1,0 +1,146 @@
+"""phi4-demo's settings: bad options are refused with a message naming the option before any work
+(no work directory is created, an existing one is left untouched), the recipe carries the
+mid-training recipe's changes, and the results table has a row per step."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+from megatron_phi4.demo.evaluate import Accuracy
+from megatron_phi4.demo.pipeline import main, run_demo
+from megatron_phi4.demo.pipeline_report import DemoResults, StageResult, report_to_json
+from megatron_phi4.demo.pipeline_settings import (
+    MIDTRAIN_ROPE_THETA, DemoError, DemoSettings, demo_recipe, parse_args,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--tp", "3"], "--tp: tensor-parallel size 3 does not divide"),
+    (["--tp", "4"], "--tp: tensor-parallel size 4 does not divide"),
+    (["--pp", "8"], "--pp"),
+    (["--num-eval", "5000"], "--num-eval: 5000 exceeds the 1000 held-out test problems"),
+    (["--preset", "smoke", "--num-eval", "65"], "--num-eval: 65 exceeds the 64"),
+])
+def test_bad_layout_or_size_is_refused_before_any_work(tmp_path, capsys, argv, needle):
+    work = tmp_path / "work"
+    assert main(["--work-dir", str(work)] + argv) == 2
+    err = capsys.readouterr().err
+    assert needle in err and err.startswith("phi4-demo: error:"), err
+    assert not work.exists()
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--num-eval", "0"], "--num-eval must be >= 1"),
+    (["--sft-steps", "x"], "--sft-steps must be a whole number"),
+    (["--preset", "huge"], "invalid choice: 'huge'"),
+    (["--stop-after", "dpo3"], "invalid choice: 'dpo3'"),
+    (["--dp", "-1"], "--dp must be >= 1"),
+])
+def test_bad_option_values_exit_2_with_usage(tmp_path, capsys, argv, needle):
+    work = tmp_path / "work"
+    with pytest.raises(SystemExit) as e:
+        main(["--work-dir", str(work)] + argv)
+    assert e.value.code == 2
+    assert needle in capsys.readouterr().err
+    assert not work.exists()
+
+
+def test_console_script_reports_errors_on_stderr(tmp_path):
+    """The module entry point (what `phi4-demo` runs): exit status 2, one clear line, no traceback."""
+    r = subprocess.run([sys.executable, "-m", "megatron_phi4.demo.pipeline", "--work-dir", str(tmp_path / "w"),
+                        "--tp", "3"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 2, r
+    assert "phi4-demo: error: layout tp3 pp2 dp1: --tp" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_foreign_directories_are_never_used_or_deleted(tmp_path):
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "precious.txt").write_text("keep me")
+    for argv in (["--work-dir", str(other)], ["--work-dir", str(other), "--fresh"]):
+        with pytest.raises(DemoError, match="not a demo work directory"):
+            run_demo(parse_args(argv + ["--stop-after", "data"]), log=lambda m: None)
+        assert (other / "precious.txt").read_text() == "keep me"
+        assert sorted(p.name for p in other.iterdir()) == ["precious.txt"]
+
+
+def test_other_settings_in_a_work_dir_are_refused_naming_the_setting(tmp_path):
+    work = tmp_path / "w"
+    work.mkdir()
+    first = parse_args(["--work-dir", str(work), "--preset", "smoke", "--stop-after", "data"])
+    (work / "settings.json").write_text(json.dumps(first.identity()))
+    (work / "state.json").write_text("{}")
+    second = parse_args(["--work-dir", str(work), "--preset", "smoke", "--sft-steps", "7", "--stop-after", "sft"])
+    with pytest.raises(DemoError, match=r"sft_steps: was 6, now 7.*--fresh"):
+        run_demo(second, log=lambda m: None)
+    assert sorted(p.name for p in work.iterdir()) == ["settings.json", "state.json"]
+
+
+def test_recipe_inserts_midtraining_and_the_layout(tmp_path):
+    """pretrain -> midtrain (2x context, RoPE base 250K, LR / 10, no warm-up) -> SFT, on tp x pp x dp;
+    each pipeline gets at least pp micro-batches; the recipe validates for the world size."""
+    from megatron_phi4.demo.arithmetic_data import write_arithmetic_data
+
+    s = parse_args(["--work-dir", str(tmp_path), "--preset", "smoke", "--tp", "1", "--pp", "2", "--dp", "2",
+                    "--stop-after", "sft"])
+    data = write_arithmetic_data(str(tmp_path / "data"), seed=s.seed, sizes=s.sizes(), log=lambda m: None)
+    tree = demo_recipe(s, data, tmp_path / "train" / "recipe.yaml")
+    assert yaml.safe_load((tmp_path / "train" / "recipe.yaml").read_text()) == json.loads(json.dumps(tree))
+    assert tree["parallel"] == {"tp": 1, "pp": 2, "dp": 2}
+    pre, mid, sft = tree["stages"]
+    assert [pre["name"], mid["name"], sft["name"]] == ["pretrain", "midtrain", "sft"]
+    assert mid["rope_theta"] == MIDTRAIN_ROPE_THETA == 250000.0 and pre["rope_theta"] == 10000.0
+    assert "rope_theta" not in sft  # inherits mid-training's base
+    assert mid["data"]["seq_length"] == 2 * pre["data"]["seq_length"]
+    assert mid["optim"]["lr"] == pytest.approx(pre["optim"]["lr"] / 10) and mid["optim"]["warmup_steps"] == 0
+    assert mid["train_steps"] == s.midtrain_steps and pre["train_steps"] == s.pretrain_steps
+    for st in tree["stages"]:
+        d = st["data"]
+        per_rank = d["global_batch_size"] // 2
+        assert per_rank % d["micro_batch_size"] == 0 and per_rank // d["micro_batch_size"] >= 2
+    assert tree["logging"]["tensorboard"] is True
+
+
+def _acc(c, n):
+    return Accuracy.of(c, n)
+
+
+def test_table_has_a_row_per_step_and_refuses_incomplete_reports():
+    rows = [SimpleNamespace(name=n, checkpoint=f"/x/{n}", greedy=_acc(c, 500), sampled=_acc(c - 5, 500))
+            for n, c in (("sft", 100), ("dpo1", 140), ("dpo2", 150))]
+    report = SimpleNamespace(rows=rows, to_markdown=lambda: "| model |\n")
+    rep = report_to_json(report)
+    res = DemoResults(settings=DemoSettings().identity(), work_dir="/w")
+    for name in ("data", "pretrain", "midtrain", "sft"):
+        res.stages.append(StageResult(name=name, what=name, layout="tp2 pp2 dp1", steps=3, val_loss=1.5, wall_s=10))
+    res.add_posttrain(rep, wall_s=100.0, reused=False)
+    res.total_wall_s = 140
+    md = res.to_markdown()
+    body = [line.split("|")[1].strip() for line in md.splitlines() if line.startswith("| ") and "---" not in line]
+    assert body == ["stage", "data", "pretrain", "midtrain", "sft", "dpo1", "dpo2", "post-training, rest", "**total**"]
+    sft_line = next(line for line in md.splitlines() if line.startswith("| sft "))
+    assert "20.0% [16.7, 23.7]" in sft_line  # 100/500 with its Wilson interval
+    assert "30.0%" in next(line for line in md.splitlines() if line.startswith("| dpo2 "))
+    with pytest.raises(ValueError, match="no row for dpo2"):
+        report_to_json(SimpleNamespace(rows=rows[:2], to_markdown=lambda: ""))
+
+
+def test_posttraining_module_is_required_unless_stopping_before_it(tmp_path, monkeypatch):
+    import importlib.util
+    real = importlib.util.find_spec
+
+    def no_posttrain(name, *a, **k):
+        return None if name == "megatron_phi4.demo.posttrain_rounds" else real(name, *a, **k)
+
+    monkeypatch.setattr(importlib.util, "find_spec", no_posttrain)
+    with pytest.raises(DemoError, match="--stop-after sft"):
+        parse_args(["--work-dir", str(tmp_path / "w")])
+    parse_args(["--work-dir", str(tmp_path / "w"), "--stop-after", "sft"])
+    assert not (tmp_path / "w").exists()
+
