@@ -59,6 +59,8 @@ from megatron_phi4.demo.pipeline_report import DemoResults, StageResult, write_r
 __all__ = ["run_demo", "main", "DemoError"]
 
 SETTINGS_FILE = "settings.json"
+_RANK_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
+                   "MASTER_ADDR", "MASTER_PORT")
 STATE_FILE = "state.json"
 
 
@@ -147,7 +149,11 @@ def _torchrun(s: DemoSettings, recipe: Path, stage: str, log_path: Path, echo) -
     this stage to ``echo``. Returns torchrun's exit status."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={s.nproc}",
            "-m", "megatron_phi4.train", "--config", str(recipe), "--stage", stage]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    # torchrun sets the ranks' rendezvous variables itself; stale ones (a caller that is itself a
+    # rank, e.g. a test) must not leak into its workers
+    env = {k: v for k, v in os.environ.items()
+           if k not in _RANK_VARIABLES and not k.startswith("TORCHELASTIC_")}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     # the package this driver runs from, also when it is not installed (python -m from a checkout)
     pkg_root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join([pkg_root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
@@ -253,9 +259,11 @@ def _run_posttrain(s: DemoSettings, work: Path, sft_checkpoint: str, data, state
                               progress=lambda line: progress("posttrain", line))
     wall = time.time() - t0
     from megatron_phi4.demo.pipeline_report import report_to_json
-    rep = report_to_json(report)
+    rep = report_to_json(report, work / "posttrain")
     state["posttrain"] = {"wall_s": wall, "report": rep}
     _atomic_json(work / STATE_FILE, state)
+    accs = ", ".join(f"{r['name']} {100 * r['greedy']['rate']:.1f}%" for r in rep["rows"])
+    progress("posttrain", f"greedy held-out accuracy {accs}; {wall:.0f}s")
     return rep, wall, False
 
 

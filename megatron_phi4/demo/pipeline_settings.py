@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 __all__ = ["DemoError", "DemoRunError", "DemoSettings", "PRESETS", "STAGES", "TRAIN_STAGES",
-           "parse_args", "check_settings", "demo_recipe", "MIDTRAIN_ROPE_THETA"]
+           "parse_args", "check_settings", "demo_recipe", "MIDTRAIN_ROPE_THETA", "SMOKE_POSTTRAIN_BUDGET"]
 
 STAGES = ("data", "pretrain", "midtrain", "sft", "posttrain")
 TRAIN_STAGES = ("pretrain", "midtrain", "sft")
@@ -37,16 +37,31 @@ class DemoRunError(DemoError):
     """A step failed while running (its log says why); re-running resumes: exit status 1."""
 
 
-# Data sizes of the presets (megatron_phi4.demo.arithmetic_data.DataSizes fields).
-_DEFAULT_SIZES = dict(sft_train=8000, sft_valid=200, pretrain_solutions=6000, pretrain_valid=300,
-                      fact_repeats=2, test=1000, validation=500, train_pool=2000)
+def _default_sizes() -> dict:
+    from megatron_phi4.demo.arithmetic_data import DataSizes
+    return asdict(DataSizes())
+
+
+# The default preset follows the arithmetic task's own defaults (megatron_phi4.demo.arithmetic_run,
+# arithmetic_data), so the demo trains what the task was tuned with; mid-training adds a short stage.
 _SMOKE_SIZES = dict(sft_train=400, sft_valid=32, pretrain_solutions=300, pretrain_valid=32,
                     fact_repeats=1, test=64, validation=32, train_pool=64)
 
-PRESETS = {
-    "default": dict(pretrain_steps=300, midtrain_steps=40, sft_steps=300, num_eval=500, sizes=_DEFAULT_SIZES),
-    "smoke": dict(pretrain_steps=6, midtrain_steps=3, sft_steps=6, num_eval=16, sizes=_SMOKE_SIZES),
-}
+
+def _preset(name: str) -> dict:
+    from megatron_phi4.demo.arithmetic_run import DEFAULT_PRETRAIN_STEPS, DEFAULT_SFT_STEPS
+    if name == "default":
+        return dict(pretrain_steps=DEFAULT_PRETRAIN_STEPS, midtrain_steps=max(1, DEFAULT_PRETRAIN_STEPS // 8),
+                    sft_steps=DEFAULT_SFT_STEPS, num_eval=500, sizes=_default_sizes())
+    return dict(pretrain_steps=6, midtrain_steps=3, sft_steps=6, num_eval=16, sizes=dict(_SMOKE_SIZES))
+
+
+PRESETS = ("default", "smoke")
+# The smoke preset's post-training budget (megatron_phi4.demo.posttrain_rounds.PostTrainBudget fields):
+# a handful of questions, rollouts, samples and DPO steps -- enough to run every part once.
+SMOKE_POSTTRAIN_BUDGET = dict(questions_per_round=4, pts_rollouts=4, samples_per_question=2, max_new_tokens=48,
+                              max_pairs=16, dpo_steps=2, dpo_global_batch=4, dpo_micro_batch=2,
+                              eval_max_new_tokens=48, eval_batch_size=16)
 
 
 @dataclass
@@ -57,13 +72,13 @@ class DemoSettings:
     pp: int = 2
     dp: int = 1
     pretrain_steps: int = 300
-    midtrain_steps: int = 40
+    midtrain_steps: int = 37
     sft_steps: int = 300
     num_eval: int = 500
     seed: int = 1234
     stop_after: str = "posttrain"
     fresh: bool = False
-    data_sizes: dict = field(default_factory=lambda: dict(_DEFAULT_SIZES))
+    data_sizes: dict = field(default_factory=_default_sizes)
 
     @property
     def nproc(self) -> int:
@@ -88,8 +103,8 @@ class DemoSettings:
         """The post-training budget of this preset (None: the post-training module's default)."""
         if self.preset == "default":
             return None
-        from megatron_phi4.demo import posttrain_rounds
-        return getattr(posttrain_rounds, "SMOKE_BUDGET", None)
+        from megatron_phi4.demo.posttrain_rounds import PostTrainBudget
+        return PostTrainBudget(**SMOKE_POSTTRAIN_BUDGET)
 
     def stage_spec(self, stage: str) -> dict:
         return {"pretrain": {"what": "pre-train from scratch, seq 256, RoPE base 10K",
@@ -118,7 +133,7 @@ def _parser() -> argparse.ArgumentParser:
                     "judge-guided DPO, then print a table of validation losses and held-out accuracy. "
                     "Re-running resumes; see docs/demo.md.")
     p.add_argument("--work-dir", default="runs/demo", help="where everything goes (default: runs/demo)")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="default",
+    p.add_argument("--preset", choices=PRESETS, default="default",
                    help="default: the full demo (<15 min on 2 cores); smoke: a couple of minutes, numbers "
                         "meaningless (checks the installation)")
     p.add_argument("--tp", type=_positive_int("--tp"), default=2, help="tensor-parallel size (default 2)")
@@ -141,7 +156,7 @@ def parse_args(argv=None) -> DemoSettings:
     """Options -> checked settings; a bad option ends the program with argparse's usage message
     (status 2) or raises :class:`DemoError` naming the option."""
     a = _parser().parse_args(argv)
-    preset = PRESETS[a.preset]
+    preset = _preset(a.preset)
     s = DemoSettings(work_dir=a.work_dir, preset=a.preset, tp=a.tp, pp=a.pp, dp=a.dp,
                      pretrain_steps=a.pretrain_steps or preset["pretrain_steps"],
                      midtrain_steps=a.midtrain_steps or preset["midtrain_steps"],
@@ -187,6 +202,11 @@ def check_settings(s: DemoSettings) -> None:
         if importlib.util.find_spec("megatron_phi4.demo.posttrain_rounds") is None:
             raise DemoError("the post-training step needs megatron_phi4.demo.posttrain_rounds, which this "
                             "installation lacks; run with --stop-after sft, or update the package")
+        from megatron_phi4.demo.posttrain_rounds import PostTrainBudget
+        q = (s.posttrain_budget() or PostTrainBudget()).questions_per_round
+        if 2 * q > s.data_sizes["train_pool"]:
+            raise DemoError(f"preset {s.preset!r}: the two DPO rounds need 2 x {q} training-pool questions, the "
+                            f"data has {s.data_sizes['train_pool']}")
 
 
 def _micro(global_batch: int, dp: int, pp: int) -> int:
