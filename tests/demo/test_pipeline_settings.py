@@ -5,7 +5,6 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -111,24 +110,43 @@ def _acc(c, n):
     return Accuracy.of(c, n)
 
 
-def test_table_has_a_row_per_step_and_refuses_incomplete_reports():
-    rows = [SimpleNamespace(name=n, checkpoint=f"/x/{n}", greedy=_acc(c, 500), sampled=_acc(c - 5, 500))
+def test_table_has_a_row_per_step_and_refuses_incomplete_reports(tmp_path):
+    from megatron_phi4.demo.posttrain_rounds import ModelRow, PostTrainBudget, PostTrainReport
+
+    rows = [ModelRow(n, f"/x/{n}", _acc(c, 500), _acc(c - 5, 500), None if n == "sft" else 40)
             for n, c in (("sft", 100), ("dpo1", 140), ("dpo2", 150))]
-    report = SimpleNamespace(rows=rows, to_markdown=lambda: "| model |\n")
-    rep = report_to_json(report)
+    rounds = [{"name": "dpo1", "source": "pts", "questions": 64, "pivotal_tokens": 50, "rollouts": 9000, "pairs": 40,
+               "seconds": 200.0, "dpo_steps": 30, "train_seconds": 40.0},
+              {"name": "dpo2", "source": "judge", "questions": 64, "responses": 256, "pairs": 40, "seconds": 60.0,
+               "dpo_steps": 30, "train_seconds": 41.0}]
+    report = PostTrainReport(method="pts_judge", rows=rows, num_eval=500, budget=PostTrainBudget(), rounds=rounds,
+                             wall_s=400.0)
+    (tmp_path / "eval").mkdir()
+    for n, sec in (("sft", 20.0), ("dpo1", 21.0), ("dpo2", 22.0)):
+        (tmp_path / "eval" / f"{n}.json").write_text(json.dumps({"seconds": sec}))
+    run = tmp_path / "pts_judge" / "dpo1" / "run"
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text('{"kind": "train", "stage": "dpo", "loss": 0.61}\n'
+                                       '{"kind": "train", "stage": "dpo", "loss": 0.55}\n{"torn')
+    rep = report_to_json(report, tmp_path)
     res = DemoResults(settings=DemoSettings().identity(), work_dir="/w")
     for name in ("data", "pretrain", "midtrain", "sft"):
         res.stages.append(StageResult(name=name, what=name, layout="tp2 pp2 dp1", steps=3, val_loss=1.5, wall_s=10))
-    res.add_posttrain(rep, wall_s=100.0, reused=False)
-    res.total_wall_s = 140
+    res.add_posttrain(rep, wall_s=420.0, reused=False)
+    res.total_wall_s = 440
     md = res.to_markdown()
-    body = [line.split("|")[1].strip() for line in md.splitlines() if line.startswith("| ") and "---" not in line]
-    assert body == ["stage", "data", "pretrain", "midtrain", "sft", "dpo1", "dpo2", "post-training, rest", "**total**"]
-    sft_line = next(line for line in md.splitlines() if line.startswith("| sft "))
-    assert "20.0% [16.7, 23.7]" in sft_line  # 100/500 with its Wilson interval
-    assert "30.0%" in next(line for line in md.splitlines() if line.startswith("| dpo2 "))
+    line = {ln.split("|")[1].strip(): ln for ln in md.splitlines() if ln.startswith("| ") and "---" not in ln}
+    assert list(line) == ["stage", "data", "pretrain", "midtrain", "sft", "pts", "dpo1", "judge", "dpo2",
+                          "post-training, other", "**total**"]
+    assert "20.0% [16.7, 23.7]" in line["sft"] and "| 20 s |" in line["sft"]  # 100/500, Wilson; its eval time
+    assert "0.5500 (train)" in line["dpo1"] and "28.0%" in line["dpo1"] and "| 40 s | 21 s |" in line["dpo1"]
+    assert "30.0%" in line["dpo2"] and "— (train)" not in line["dpo2"]
+    assert "50 pivotal tokens" in line["pts"] and "| 200 s |" in line["pts"]
+    assert "| 16 s |" in line["post-training, other"]  # 420 - (200 + 40 + 21 + 60 + 41 + 22) - 20
+    assert "**440 s**" in line["**total**"]
+    report.rows = rows[:2]
     with pytest.raises(ValueError, match="no row for dpo2"):
-        report_to_json(SimpleNamespace(rows=rows[:2], to_markdown=lambda: ""))
+        report_to_json(report, tmp_path)
 
 
 def test_posttraining_module_is_required_unless_stopping_before_it(tmp_path, monkeypatch):
