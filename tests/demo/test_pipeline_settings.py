@@ -28,7 +28,8 @@ ROOT = Path(__file__).resolve().parents[2]
 ])
 def test_bad_layout_or_size_is_refused_before_any_work(tmp_path, capsys, argv, needle):
     work = tmp_path / "work"
-    assert main(["--work-dir", str(work)] + argv) == 2
+    # --stop-after data: should a check ever let a bad option through, the test costs seconds, not a demo
+    assert main(["--work-dir", str(work), "--stop-after", "data"] + argv) == 2
     err = capsys.readouterr().err
     assert needle in err and err.startswith("phi4-demo: error:"), err
     assert not work.exists()
