@@ -253,10 +253,14 @@ def _run_posttrain(s: DemoSettings, work: Path, sft_checkpoint: str, data, state
                           f"accuracy on {s.num_eval} problems after SFT and each round")
     eval_problems = read_problems(data.test_problems)[:s.num_eval]
     t0 = time.time()
-    report = run_posttraining(sft_checkpoint, vocab=data.vocab(), data=data, work_dir=str(work / "posttrain"),
-                              method="pts_judge", eval_problems=eval_problems, num_eval=s.num_eval,
-                              budget=s.posttrain_budget(), seed=s.seed,
-                              progress=lambda line: progress("posttrain", line))
+    try:
+        report = run_posttraining(sft_checkpoint, vocab=data.vocab(), data=data, work_dir=str(work / "posttrain"),
+                                  method="pts_judge", eval_problems=eval_problems, num_eval=s.num_eval,
+                                  budget=s.posttrain_budget(), seed=s.seed,
+                                  progress=lambda line: progress("posttrain", line))
+    except (RuntimeError, ValueError) as e:
+        raise DemoRunError(f"post-training: {e}\n(finished work is kept under {work}; re-running the same "
+                           "command resumes from it)") from e
     wall = time.time() - t0
     from megatron_phi4.demo.pipeline_report import report_to_json
     rep = report_to_json(report, work / "posttrain")
