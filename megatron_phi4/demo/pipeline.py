@@ -52,7 +52,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from megatron_phi4.demo.pipeline_settings import (
-    DemoError, DemoRunError, DemoSettings, STAGES, TRAIN_STAGES, check_settings, demo_recipe, parse_args,
+    DemoError, DemoRunError, DemoSettings, STAGES, TRAIN_STAGES, check_settings, demo_recipe, describe_stage,
+    parse_args,
 )
 from megatron_phi4.demo.pipeline_report import DemoResults, StageResult, write_results
 
@@ -190,7 +191,7 @@ def _tail(path: Path, n: int = 15) -> str:
 def _run_data(s: DemoSettings, work: Path, state: dict, progress):
     from megatron_phi4.demo.arithmetic_data import write_arithmetic_data
 
-    done = state.get("data")
+    done = state.get("data") if (work / "data" / "manifest.json").is_file() else None
     t0 = time.time()
     data = write_arithmetic_data(str(work / "data"), seed=s.seed, sizes=s.sizes(), log=lambda m: None)
     manifest = json.loads(Path(data.manifest).read_text())
@@ -210,16 +211,17 @@ def _run_data(s: DemoSettings, work: Path, state: dict, progress):
     return res, data
 
 
-def _run_train_stage(s: DemoSettings, work: Path, recipe: Path, stage: str, state: dict, progress,
+def _run_train_stage(s: DemoSettings, work: Path, recipe: Path, tree: dict, stage: str, state: dict, progress,
                      echo) -> StageResult:
     run_dir = work / "train"
     ckpt_root = run_dir / "checkpoints"
-    spec = s.stage_spec(stage)
+    what = describe_stage(tree, stage)
+    steps = next(st["train_steps"] for st in tree["stages"] if st["name"] == stage)
     final = _stage_final(ckpt_root, stage)
     reused = final is not None
     wall = (state.get(stage) or {}).get("wall_s")
     if not reused:
-        progress(stage, f"starting: {spec['what']}, {spec['steps']} steps on {s.nproc} processes "
+        progress(stage, f"starting: {what}; {steps} steps on {s.nproc} processes "
                         f"({s.layout_name()}); log {work / 'logs' / (stage + '.log')}")
         t0 = time.time()
         rc = _torchrun(s, recipe, stage, work / "logs" / f"{stage}.log", echo)
@@ -233,10 +235,10 @@ def _run_train_stage(s: DemoSettings, work: Path, recipe: Path, stage: str, stat
                             f"resume from its latest checkpoint. Last lines:\n{_tail(work / 'logs' / (stage + '.log'))}")
     val = _last_eval_loss(run_dir / "metrics.jsonl", stage)
     state[stage] = {"wall_s": wall, "checkpoint": str(final), "val_loss": val}
-    res = StageResult(name=stage, what=spec["what"], layout=s.layout_name(), steps=spec["steps"], val_loss=val,
+    res = StageResult(name=stage, what=what, layout=s.layout_name(), steps=steps, val_loss=val,
                       wall_s=wall, reused=reused, detail=str(final))
     vl = f"val loss {val:.4f}" if val is not None else "no validation loss"
-    progress(stage, f"{spec['steps']} steps, {vl}, " + ("reused (finished earlier)" if reused else f"{wall:.0f}s")
+    progress(stage, f"{steps} steps, {vl}, " + ("reused (finished earlier)" if reused else f"{wall:.0f}s")
              + f"; checkpoint {final}")
     return res
 
@@ -286,9 +288,9 @@ def run_demo(settings: DemoSettings, *, log: Callable[[str], None] = print) -> D
     _atomic_json(work / STATE_FILE, state)
     if settings.stop_after != "data":
         recipe = work / "train" / "recipe.yaml"
-        demo_recipe(settings, data, recipe)
+        tree = demo_recipe(settings, data, recipe)
         for stage in TRAIN_STAGES:
-            results.stages.append(_run_train_stage(settings, work, recipe, stage, state, progress, log))
+            results.stages.append(_run_train_stage(settings, work, recipe, tree, stage, state, progress, log))
             _atomic_json(work / STATE_FILE, state)
             if settings.stop_after == stage:
                 break

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 __all__ = ["DemoError", "DemoRunError", "DemoSettings", "PRESETS", "STAGES", "TRAIN_STAGES",
-           "parse_args", "check_settings", "demo_recipe", "MIDTRAIN_ROPE_THETA", "SMOKE_POSTTRAIN_BUDGET"]
+           "parse_args", "check_settings", "demo_recipe", "describe_stage", "MIDTRAIN_ROPE_THETA", "SMOKE_POSTTRAIN_BUDGET"]
 
 STAGES = ("data", "pretrain", "midtrain", "sft", "posttrain")
 TRAIN_STAGES = ("pretrain", "midtrain", "sft")
@@ -106,11 +106,6 @@ class DemoSettings:
         from megatron_phi4.demo.posttrain_rounds import PostTrainBudget
         return PostTrainBudget(**SMOKE_POSTTRAIN_BUDGET)
 
-    def stage_spec(self, stage: str) -> dict:
-        return {"pretrain": {"what": "pre-train from scratch, seq 256, RoPE base 10K",
-                             "steps": self.pretrain_steps},
-                "midtrain": {"what": "mid-train, seq 512, RoPE base 250K, LR / 10", "steps": self.midtrain_steps},
-                "sft": {"what": "SFT on chat turns, assistant-only loss", "steps": self.sft_steps}}[stage]
 
 
 def _positive_int(name):
@@ -217,6 +212,21 @@ def _micro(global_batch: int, dp: int, pp: int) -> int:
     while per_rank % m:
         m -= 1
     return m
+
+
+def describe_stage(tree: dict, stage: str) -> str:
+    """One line on what a stage of the recipe ``tree`` does (for the progress lines and the table)."""
+    stages = {st["name"]: st for st in tree["stages"]}
+    st = stages[stage]
+    theta = tree["model"]["rope_theta"]
+    for prev in tree["stages"]:  # the base in force: the last one set up to this stage
+        theta = prev.get("rope_theta", theta)
+        if prev["name"] == stage:
+            break
+    d, lr = st["data"], st["optim"]["lr"]
+    what = {"pretrain": "pre-train from scratch", "midtrain": "mid-train, longer context",
+            "sft": "SFT on chat turns, assistant-only loss"}.get(stage, stage)
+    return f"{what}; seq {d['seq_length']}, RoPE base {theta:,.0f}, LR {lr:g}, {d['global_batch_size']} sequences/step"
 
 
 def demo_recipe(s: DemoSettings, data, path: Path) -> dict:

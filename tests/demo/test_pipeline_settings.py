@@ -13,7 +13,7 @@ from megatron_phi4.demo.evaluate import Accuracy
 from megatron_phi4.demo.pipeline import main, run_demo
 from megatron_phi4.demo.pipeline_report import DemoResults, StageResult, report_to_json
 from megatron_phi4.demo.pipeline_settings import (
-    MIDTRAIN_ROPE_THETA, DemoError, DemoSettings, demo_recipe, parse_args,
+    MIDTRAIN_ROPE_THETA, DemoError, DemoSettings, demo_recipe, describe_stage, parse_args,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -105,6 +105,10 @@ def test_recipe_inserts_midtraining_and_the_layout(tmp_path):
         per_rank = d["global_batch_size"] // 2
         assert per_rank % d["micro_batch_size"] == 0 and per_rank // d["micro_batch_size"] >= 2
     assert tree["logging"]["tensorboard"] is True
+    # the lines the progress and the table show, read off the recipe
+    assert "seq 256, RoPE base 10,000, LR 0.003" in describe_stage(tree, "pretrain")
+    assert "seq 512, RoPE base 250,000, LR 0.0003" in describe_stage(tree, "midtrain")
+    assert "RoPE base 250,000" in describe_stage(tree, "sft")
 
 
 def _acc(c, n):
