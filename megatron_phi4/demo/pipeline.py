@@ -230,9 +230,10 @@ def _run_train_stage(s: DemoSettings, work: Path, recipe: Path, tree: dict, stag
         _atomic_json(work / STATE_FILE, state)
         final = _stage_final(ckpt_root, stage)
         if rc != 0 or final is None:
+            log_path = work / "logs" / f"{stage}.log"
             raise DemoRunError(f"stage {stage}: torchrun exited with status {rc} before the stage finished "
-                            f"(full log: {work / 'logs' / (stage + '.log')}); re-run the same command to "
-                            f"resume from its latest checkpoint. Last lines:\n{_tail(work / 'logs' / (stage + '.log'))}")
+                               f"(full log: {log_path}); re-run the same command to resume from its latest "
+                               f"checkpoint. Last lines:\n{_tail(log_path)}")
     val = _last_eval_loss(run_dir / "metrics.jsonl", stage)
     state[stage] = {"wall_s": wall, "checkpoint": str(final), "val_loss": val}
     res = StageResult(name=stage, what=what, layout=s.layout_name(), steps=steps, val_loss=val,

@@ -130,8 +130,8 @@ def write_results(results: DemoResults, work_dir) -> None:
     from megatron_phi4.checkpoint.format import atomic_write_text
 
     work = Path(work_dir)
-    atomic_write_text(work / "results.md", "# phi4-demo results\n\n" + results.to_markdown()
-                      + ("\n## Post-training report\n\n" + results.posttrain_markdown if results.posttrain_markdown else ""))
+    extra = "\n## Post-training report\n\n" + results.posttrain_markdown if results.posttrain_markdown else ""
+    atomic_write_text(work / "results.md", "# phi4-demo results\n\n" + results.to_markdown() + extra)
     atomic_write_text(work / "results.json", json.dumps(results.to_json(), indent=1) + "\n")
 
 

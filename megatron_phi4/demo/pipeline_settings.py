@@ -22,7 +22,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 __all__ = ["DemoError", "DemoRunError", "DemoSettings", "PRESETS", "STAGES", "TRAIN_STAGES",
-           "parse_args", "check_settings", "demo_recipe", "describe_stage", "MIDTRAIN_ROPE_THETA", "SMOKE_POSTTRAIN_BUDGET"]
+           "parse_args", "check_settings", "demo_recipe", "describe_stage", "MIDTRAIN_ROPE_THETA",
+           "SMOKE_POSTTRAIN_BUDGET"]
 
 STAGES = ("data", "pretrain", "midtrain", "sft", "posttrain")
 TRAIN_STAGES = ("pretrain", "midtrain", "sft")

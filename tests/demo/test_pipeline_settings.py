@@ -167,3 +167,22 @@ def test_posttraining_module_is_required_unless_stopping_before_it(tmp_path, mon
     parse_args(["--work-dir", str(tmp_path / "w"), "--stop-after", "sft"])
     assert not (tmp_path / "w").exists()
 
+
+
+def test_a_failed_launch_names_its_log_and_keeps_finished_work(tmp_path, monkeypatch, capsys):
+    """torchrun exiting non-zero: exit status 1, the stage's log named with its last lines, the data kept."""
+    import megatron_phi4.demo.pipeline as P
+
+    def failing_torchrun(s, recipe, stage, log_path, echo):
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        log_path.write_text("phi4-train: rank 2: RuntimeError: boom\n")
+        return 1
+
+    monkeypatch.setattr(P, "_torchrun", failing_torchrun)
+    work = tmp_path / "w"
+    assert main(["--work-dir", str(work), "--preset", "smoke", "--stop-after", "sft"]) == 1
+    err = capsys.readouterr().err
+    assert "stage pretrain: torchrun exited with status 1" in err and str(work / "logs" / "pretrain.log") in err
+    assert "RuntimeError: boom" in err and "re-run the same command" in err
+    assert (work / "data" / "manifest.json").is_file()
+    assert json.loads((work / "state.json").read_text())["pretrain"]["partial"] is True
