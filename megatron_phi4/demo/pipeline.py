@@ -298,7 +298,7 @@ def run_demo(settings: DemoSettings, *, log: Callable[[str], None] = print) -> D
     if settings.stop_after == "posttrain":
         rep, wall, reused = _run_posttrain(settings, work, state["sft"]["checkpoint"], data, state, progress)
         results.add_posttrain(rep, wall, reused)
-    results.total_wall_s = sum(r.wall_s or 0.0 for r in results.stages) + (results.posttrain_wall_s or 0.0)
+    results.compute_total()
     results.this_run_wall_s = time.time() - t_start
     write_results(results, work)
     log("")

@@ -81,6 +81,13 @@ class DemoResults:
                 detail=row.get("checkpoint", ""), greedy=row.get("greedy"), sampled=row.get("sampled"),
                 eval_wall_s=row.get("eval_wall_s")))
 
+    def compute_total(self) -> float:
+        """Wall time of the whole demo: the data and training steps plus post-training as a whole
+        (its rows -- PTS, DPO rounds, evaluations -- are parts of ``posttrain_wall_s``)."""
+        self.total_wall_s = sum(r.wall_s or 0.0 for r in self.stages if r.name in ("data",) + _TRAIN_NAMES) \
+            + (self.posttrain_wall_s or 0.0)
+        return self.total_wall_s
+
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
 
