@@ -58,6 +58,10 @@ def _preset(name: str) -> dict:
 
 
 PRESETS = ("default", "smoke")
+# The default preset's post-training budget: smaller than the benchmark's (PostTrainBudget(), 400
+# questions per round), so that PTS stays a minute or two of the demo; the demo's measured table
+# (README, docs/demo.md) was produced with exactly this budget.
+DEMO_POSTTRAIN_BUDGET = dict(questions_per_round=96, dpo_steps=30, dpo_lr=5e-5)
 # The smoke preset's post-training budget (megatron_phi4.demo.posttrain_rounds.PostTrainBudget fields):
 # a handful of questions, rollouts, samples and DPO steps -- enough to run every part once.
 SMOKE_POSTTRAIN_BUDGET = dict(questions_per_round=4, pts_rollouts=4, samples_per_question=2, max_new_tokens=48,
@@ -101,11 +105,10 @@ class DemoSettings:
         return json.loads(json.dumps(d))
 
     def posttrain_budget(self):
-        """The post-training budget of this preset (None: the post-training module's default)."""
-        if self.preset == "default":
-            return None
+        """The post-training budget of this preset (``PostTrainBudget`` fields overridden by
+        ``DEMO_POSTTRAIN_BUDGET`` or ``SMOKE_POSTTRAIN_BUDGET``)."""
         from megatron_phi4.demo.posttrain_rounds import PostTrainBudget
-        return PostTrainBudget(**SMOKE_POSTTRAIN_BUDGET)
+        return PostTrainBudget(**(DEMO_POSTTRAIN_BUDGET if self.preset == "default" else SMOKE_POSTTRAIN_BUDGET))
 
 
 
