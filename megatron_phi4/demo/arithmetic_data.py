@@ -36,7 +36,6 @@ directory built with the same parameters is reused; one built with other paramet
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -46,6 +45,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from megatron_phi4.data.cache import file_lock
 from megatron_phi4.demo import arithmetic as task
 from megatron_phi4.demo.trimmed_vocab import TrimmedVocab, trim_indexed_dataset
 
@@ -140,18 +140,6 @@ def _read_manifest(root: str) -> Optional[dict]:
         return None
 
 
-@contextlib.contextmanager
-def _lock(path: str):
-    import fcntl
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
-
-
 def write_arithmetic_data(out_dir: str, *, seed: int = 1234, sizes: DataSizes = DataSizes(),
                           spec: task.TaskSpec = task.DEFAULT_TASK, tokenizer=None,
                           log=print) -> ArithmeticData:
@@ -171,7 +159,7 @@ def write_arithmetic_data(out_dir: str, *, seed: int = 1234, sizes: DataSizes = 
     if reusable():
         return _paths(root)
     os.makedirs(os.path.dirname(root), exist_ok=True)
-    with _lock(root + ".lock"):
+    with file_lock(root + ".lock"):
         if reusable():
             return _paths(root)
         if os.path.exists(root):  # an incomplete leftover (no manifest)

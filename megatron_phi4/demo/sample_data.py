@@ -29,7 +29,6 @@ atomic: built in a temporary sibling and renamed into place under a file lock):
 from __future__ import annotations
 
 import ast
-import contextlib
 import glob
 import json
 import os
@@ -41,6 +40,8 @@ import zlib
 from typing import Dict, Iterable, List, Optional, Sequence, Union
 
 import numpy as np
+
+from megatron_phi4.data.cache import file_lock
 
 __all__ = ["prepare_sample_data", "sample_data_ready", "wait_for_sample_data", "unigram_entropy", "SAMPLE_DATA_VERSION", "LONG_DOCUMENT_TOKENS",
            "SYSTEM_PROMPT"]
@@ -231,18 +232,6 @@ def unigram_entropy(prefixes: Union[str, Sequence[str]], vocab_size: int = 10035
 
 
 # --------------------------------------------------------------------------- build
-@contextlib.contextmanager
-def _lock(path: str):
-    import fcntl
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
-
-
 def _paths(root: str) -> Dict[str, str]:
     j = lambda *a: os.path.join(root, *a)  # noqa: E731
     return {
@@ -303,7 +292,7 @@ def prepare_sample_data(out_dir: str, tokenizer=None) -> Dict[str, str]:
         return paths
     parent = os.path.dirname(root)
     os.makedirs(parent, exist_ok=True)
-    with _lock(root + ".lock"):
+    with file_lock(root + ".lock"):
         if _complete(root):
             return paths
         tmp = f"{root}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
