@@ -55,7 +55,7 @@ from megatron_phi4.demo.pipeline_settings import (
     DemoError, DemoRunError, DemoSettings, STAGES, TRAIN_STAGES, check_settings, demo_recipe, describe_stage,
     parse_args,
 )
-from megatron_phi4.demo.pipeline_report import DemoResults, StageResult, write_results
+from megatron_phi4.demo.pipeline_report import DemoResults, StageResult, last_loss, write_results
 
 __all__ = ["run_demo", "main", "DemoError"]
 
@@ -128,20 +128,6 @@ def _stage_final(ckpt_root: Path, stage: str) -> Optional[Path]:
     if latest is None:
         return None
     return CheckpointManager(ckpt_root, run_id=read_trainer_state(latest).get("run_id")).stage_final(stage)
-
-
-def _last_eval_loss(metrics_path: Path, stage: str) -> Optional[float]:
-    """The stage's last validation loss in metrics.jsonl (a resumed stage appends; the last wins)."""
-    loss = None
-    if metrics_path.is_file():
-        for line in metrics_path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue  # a killed run's torn line
-            if row.get("kind") == "eval" and row.get("stage") == stage and "loss" in row:
-                loss = float(row["loss"])
-    return loss
 
 
 def _torchrun(s: DemoSettings, recipe: Path, stage: str, log_path: Path, echo) -> int:
@@ -234,7 +220,7 @@ def _run_train_stage(s: DemoSettings, work: Path, recipe: Path, tree: dict, stag
             raise DemoRunError(f"stage {stage}: torchrun exited with status {rc} before the stage finished "
                                f"(full log: {log_path}); re-run the same command to resume from its latest "
                                f"checkpoint. Last lines:\n{_tail(log_path)}")
-    val = _last_eval_loss(run_dir / "metrics.jsonl", stage)
+    val = last_loss(run_dir / "metrics.jsonl", "eval", stage)
     state[stage] = {"wall_s": wall, "checkpoint": str(final), "val_loss": val}
     res = StageResult(name=stage, what=what, layout=s.layout_name(), steps=steps, val_loss=val,
                       wall_s=wall, reused=reused, detail=str(final))

@@ -149,7 +149,9 @@ def _accuracy(a) -> Optional[dict]:
             for k in ("correct", "total", "rate", "low", "high")}
 
 
-def _last_train_loss(metrics_path: Path) -> Optional[float]:
+def last_loss(metrics_path: Path, kind: str, stage: Optional[str] = None) -> Optional[float]:
+    """The last ``loss`` of rows of ``kind`` ("train" or "eval", of ``stage`` if given) in a
+    metrics.jsonl; a resumed run appends, so the last wins; a killed run's torn line is skipped."""
     loss = None
     if metrics_path.is_file():
         for line in metrics_path.read_text().splitlines():
@@ -157,7 +159,7 @@ def _last_train_loss(metrics_path: Path) -> Optional[float]:
                 row = json.loads(line)
             except ValueError:
                 continue
-            if row.get("kind") == "train" and "loss" in row:
+            if row.get("kind") == kind and (stage is None or row.get("stage") == stage) and "loss" in row:
                 loss = float(row["loss"])
     return loss
 
@@ -177,7 +179,7 @@ def report_to_json(report, posttrain_dir) -> dict:
         except (OSError, ValueError, KeyError):
             out["eval_wall_s"] = None
         if row.name != "sft":
-            out["loss"] = _last_train_loss(root / report.method / row.name / "run" / "metrics.jsonl")
+            out["loss"] = last_loss(root / report.method / row.name / "run" / "metrics.jsonl", "train")
         rows.append(out)
     names = [r["name"] for r in rows]
     missing = [m for m in POSTTRAIN_MODELS if m not in names]
