@@ -3,6 +3,8 @@ token-level DPO -> rule-judge DPO), and after plain full-response DPO on the sam
 
     python benchmarks/posttrain_gain.py [--work-dir /tmp/posttrain_gain] [--num-eval 500]
 
+(about 11 minutes on an idle 2-core machine, model training included; docs/posttraining.md).
+
 Trains the tiny arithmetic Phi-4 (pre-training + SFT, megatron_phi4.demo.arithmetic_run; reused when
 ``--work-dir`` already holds it), then runs ``megatron_phi4.demo.posttrain_rounds.run_posttraining``
 for ``pts_judge`` and ``full_response`` and prints one table: every model's greedy and sampled
@@ -30,8 +32,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--methods", default="pts_judge,full_response")
     ap.add_argument("--budget", default="{}", help="JSON overrides of PostTrainBudget fields")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads (1: on a shared 2-core machine a second thread mostly waits)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads (0: torch's default, every core; 1 on a machine shared with other jobs)")
     args = ap.parse_args(argv)
 
     import torch
@@ -39,7 +41,8 @@ def main(argv=None) -> int:
     from megatron_phi4.demo.arithmetic_run import train_arithmetic_model
     from megatron_phi4.demo.posttrain_rounds import PostTrainBudget, PostTrainReport, run_posttraining
 
-    torch.set_num_threads(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     t0 = time.time()
     model = train_arithmetic_model(os.path.join(args.work_dir, "model"), seed=args.seed)
     t_model = time.time() - t0

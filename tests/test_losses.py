@@ -115,6 +115,21 @@ def test_chunked_head_holds_one_chunk_of_logits_at_a_time():
     assert big.numel <= chunk * w.shape[0], f"{big.op} made a tensor of {big.numel} elements"
 
 
+def test_chunked_head_returns_a_tensor_in_the_targets_shape_that_is_not_a_view():
+    # a view as the root module's output makes FSDP2 warn on every stage and skip its pre-backward
+    # hook if anything later modifies it in place
+    from megatron_phi4.distributed.vocab_parallel import chunked_head_log_probs
+
+    x, w, targets, upstream = _head_data(n=36)
+    x3, t2 = x.reshape(2, -1, x.shape[-1]).requires_grad_(True), targets.reshape(2, -1)
+    logp = chunked_head_log_probs(x3, w, t2, chunk_tokens=5)
+    assert logp.shape == t2.shape and not logp._is_view()
+    (logp * upstream.reshape(2, -1)).sum().backward()
+    flat = x.clone().requires_grad_(True)
+    (chunked_head_log_probs(flat, w, targets, chunk_tokens=5) * upstream).sum().backward()
+    assert torch.equal(x3.grad.reshape(flat.shape), flat.grad)
+
+
 def _lm_and_dpo_batches(cfg, seq=12):
     g = torch.Generator().manual_seed(4)
     ids = torch.randint(0, cfg.vocab_size, (4, seq + 1), generator=g)

@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from megatron_phi4.fileio import fsync_dir
+from megatron_phi4.fileio import TMP_INFIX, atomic_write_text, fsync_dir  # noqa: F401 (re-exported)
 
 FORMAT_NAME = "megatron_phi4"
 FORMAT_VERSION = 1
@@ -40,7 +40,6 @@ MODEL_DIR = "model"
 OPTIM_DIR = "optim"
 LATEST_FILE = "latest"
 KINDS = ("weights", "train")
-TMP_INFIX = ".tmp-"
 
 
 class CheckpointError(RuntimeError):
@@ -48,25 +47,6 @@ class CheckpointError(RuntimeError):
 
 
 # --------------------------------------------------------------------------- small file helpers
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` so readers see either the old file or the whole new one:
-    write a temporary file in the same directory, fsync it, rename it over ``path``, fsync the dir."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{TMP_INFIX}", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
-
-
 def make_temp_dir(final: str | os.PathLike) -> Path:
     """A fresh ``<final>.tmp-XXXX`` directory next to ``final`` (same filesystem, so renamable)."""
     final = Path(final)

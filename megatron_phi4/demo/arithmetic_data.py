@@ -46,6 +46,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from megatron_phi4.data.cache import file_lock
+from megatron_phi4.fileio import atomic_write_json
 from megatron_phi4.demo import arithmetic as task
 from megatron_phi4.demo.trimmed_vocab import TrimmedVocab, trim_indexed_dataset
 
@@ -270,8 +271,7 @@ def _build(root: str, seed: int, sizes: DataSizes, spec: task.TaskSpec, params: 
                            (("pretrain_train", os.path.join(root, "bin", "pretrain_train")),
                             ("pretrain_valid", os.path.join(root, "bin", "pretrain_valid")),
                             ("sft_train", p.sft_train + "_tokens"), ("sft_valid", p.sft_valid + "_tokens"))}}
-    from megatron_phi4.checkpoint.format import atomic_write_text
-    atomic_write_text(os.path.join(root, "manifest.json"), json.dumps(manifest, indent=1) + "\n")
+    atomic_write_json(os.path.join(root, "manifest.json"), manifest)
 
 
 def _num_tokens(prefix: str) -> int:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Dict, Optional
 
 from megatron_phi4.demo.arithmetic import DEFAULT_TASK, TaskSpec
+from megatron_phi4.fileio import atomic_write_text
 from megatron_phi4.demo.arithmetic_data import ArithmeticData, DataSizes, write_arithmetic_data
 from megatron_phi4.demo.trimmed_vocab import VOCAB_FILE, TrimmedVocab
 
@@ -165,7 +166,6 @@ def train_arithmetic_model(work_dir: str | os.PathLike, *, seed: int = 1234,
     world = int(os.environ.get("WORLD_SIZE", 1)) if created else dist.get_world_size()
     rank = int(os.environ.get("RANK", 0)) if created else dist.get_rank()
     if rank == 0:
-        from megatron_phi4.checkpoint.format import atomic_write_text
         atomic_write_text(recipe_path, yaml.safe_dump(tree, sort_keys=False))
         vocab.save(run_dir / VOCAB_FILE)
     recipe = _recipe_from_tree(tree, world)

@@ -51,6 +51,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+from megatron_phi4.fileio import atomic_write_json
 from megatron_phi4.demo.pipeline_settings import (
     DemoError, DemoRunError, DemoSettings, STAGES, TRAIN_STAGES, check_settings, demo_recipe, describe_stage,
     parse_args,
@@ -66,8 +67,7 @@ STATE_FILE = "state.json"
 
 
 def _atomic_json(path: Path, obj) -> None:
-    from megatron_phi4.checkpoint.format import atomic_write_text
-    atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
+    atomic_write_json(path, obj, sort_keys=True)
 
 
 def _read_json(path: Path) -> Optional[dict]:

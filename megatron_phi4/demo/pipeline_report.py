@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
+from megatron_phi4.fileio import atomic_write_json, atomic_write_text
+
 __all__ = ["StageResult", "DemoResults", "write_results", "report_to_json", "POSTTRAIN_MODELS"]
 
 POSTTRAIN_MODELS = ("sft", "dpo1", "dpo2")
@@ -134,12 +136,11 @@ class DemoResults:
 
 
 def write_results(results: DemoResults, work_dir) -> None:
-    from megatron_phi4.checkpoint.format import atomic_write_text
 
     work = Path(work_dir)
     extra = "\n## Post-training report\n\n" + results.posttrain_markdown if results.posttrain_markdown else ""
     atomic_write_text(work / "results.md", "# phi4-demo results\n\n" + results.to_markdown() + extra)
-    atomic_write_text(work / "results.json", json.dumps(results.to_json(), indent=1) + "\n")
+    atomic_write_json(work / "results.json", results.to_json())
 
 
 def _accuracy(a) -> Optional[dict]:

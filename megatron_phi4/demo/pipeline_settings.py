@@ -20,6 +20,7 @@ import copy
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from megatron_phi4.fileio import atomic_write_text
 
 __all__ = ["DemoError", "DemoRunError", "DemoSettings", "PRESETS", "STAGES", "TRAIN_STAGES",
            "parse_args", "check_settings", "demo_recipe", "describe_stage", "MIDTRAIN_ROPE_THETA",
@@ -238,7 +239,6 @@ def demo_recipe(s: DemoSettings, data, path: Path) -> dict:
     tree. The file is rewritten on every run (same settings, same recipe)."""
     import yaml
 
-    from megatron_phi4.checkpoint.format import atomic_write_text
     from megatron_phi4.config import ConfigError, RecipeConfig, from_dict
     from megatron_phi4.demo.arithmetic_run import arithmetic_recipe
 

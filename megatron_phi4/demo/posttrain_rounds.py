@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 from megatron_phi4.demo import arithmetic as task
+from megatron_phi4.fileio import atomic_write_json, atomic_write_text
 from megatron_phi4.demo.arithmetic_data import read_problems
 from megatron_phi4.demo.evaluate import Accuracy, evaluate_accuracy
 from megatron_phi4.posttrain.judge import JudgeScores
@@ -244,15 +245,7 @@ def _stable_seed(*parts) -> int:
     return int(_digest(parts), 16) >> 2
 
 
-def _write_json(path: Path, obj) -> None:
-    from megatron_phi4.checkpoint.format import atomic_write_text
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(obj, indent=1) + "\n")
-
-
 def _write_jsonl(path: Path, records) -> None:
-    from megatron_phi4.checkpoint.format import atomic_write_text
-    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
@@ -443,7 +436,7 @@ def _make_pairs(source: str, checkpoint: str, questions: List[dict], round_dir: 
                 pair_tokens=sum(len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in kept),
                 seconds=round(time.time() - t0, 1))
     _write_jsonl(pairs_path, kept)
-    _write_json(info_path, info)
+    atomic_write_json(info_path, info)
     progress(f"[posttrain] {round_dir.name}: {info['pairs']} pairs ({source}; {info})")
     return pairs_path, info
 
@@ -464,7 +457,7 @@ def _evaluate(name: str, checkpoint: str, problems: List[dict], vocab, budget: P
     res = evaluate_accuracy(_load(checkpoint), problems, vocab=vocab, max_new_tokens=budget.eval_max_new_tokens,
                             temperature=EVAL_TEMPERATURE, seed=seed, batch_size=budget.eval_batch_size,
                             min_problems=min(len(problems), 500), log=None)
-    _write_json(path, {"key": key, "greedy": asdict(res.greedy), "sampled": asdict(res.sampled),
+    atomic_write_json(path, {"key": key, "greedy": asdict(res.greedy), "sampled": asdict(res.sampled),
                        "seconds": round(time.time() - t0, 1)})
     progress(f"[posttrain] {name}: greedy {res.greedy}; sampled T={EVAL_TEMPERATURE} {res.sampled} "
              f"({time.time() - t0:.0f}s)")
@@ -479,7 +472,7 @@ def _check_settings(path: Path, settings: dict) -> None:
                 raise ValueError(f"{path}: this work_dir holds post-training with {k}={old.get(k)!r}, now "
                                  f"{k}={settings.get(k)!r}; use another work_dir or delete {path.parent}")
     else:
-        _write_json(path, settings)
+        atomic_write_json(path, settings)
 
 
 # ---------------------------------------------------------------------------------- entry point
@@ -532,7 +525,7 @@ def run_posttraining(sft_checkpoint: str, *, vocab, data, work_dir: str, method:
         rows.append(_evaluate(name, current, problems, vocab, budget, seed, eval_dir, progress, info["pairs"]))
     report = PostTrainReport(method=method, rows=rows, num_eval=len(problems), budget=budget, rounds=rounds,
                              wall_s=time.time() - t0)
-    _write_json(work / method / "report.json", {"method": method, "rows": [r.to_dict() for r in rows],
+    atomic_write_json(work / method / "report.json", {"method": method, "rows": [r.to_dict() for r in rows],
                                                 "rounds": rounds, "budget": asdict(budget),
                                                 "num_eval": len(problems)})
     return report

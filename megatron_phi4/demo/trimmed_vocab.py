@@ -23,6 +23,7 @@ from typing import Iterable, List, Optional, Sequence
 
 import numpy as np
 
+from megatron_phi4.fileio import atomic_write_json
 from megatron_phi4.tokenizer import PHI4_SPECIAL_TOKENS, PHI4_VOCAB_SIZE
 
 __all__ = ["TrimmedVocab", "VocabMapError", "VOCAB_FILE", "REQUIRED_SPECIAL_TOKENS", "trim_indexed_dataset"]
@@ -189,11 +190,10 @@ class TrimmedVocab:
     def save(self, path: str | os.PathLike) -> str:
         """Write the map as JSON atomically (temporary file + rename); returns the path. A
         directory path gets :data:`VOCAB_FILE` inside it."""
-        from megatron_phi4.checkpoint.format import atomic_write_text
         path = str(path)
         if os.path.isdir(path):
             path = os.path.join(path, VOCAB_FILE)
-        atomic_write_text(path, json.dumps(self.to_dict()) + "\n")
+        atomic_write_json(path, self.to_dict(), indent=None)
         return path
 
     @classmethod

@@ -107,13 +107,16 @@ class _ChunkedHeadLogProbs(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, targets, vocab_start, group, chunk):
+    def forward(ctx, x, weight, targets, vocab_start, group, chunk, out_shape):
         n, local_vocab = x.shape[0], weight.shape[0]
         ignored = targets < 0
         local = targets - vocab_start
         in_range = (local >= 0) & (local < local_vocab) & ~ignored
         local_idx = local.masked_fill(~in_range, 0)
-        logp = torch.empty(n, dtype=torch.float32, device=x.device)
+        # allocated in the caller's shape and filled through a flat view, so the output is not itself
+        # a view: FSDP2 warns about (and cannot hook in-place ops on) a root module returning a view
+        out = torch.empty(out_shape, dtype=torch.float32, device=x.device)
+        logp = out.view(-1)
         lse = torch.empty(n, dtype=torch.float32, device=x.device)
         for s, e in _chunks(n, chunk):
             logits = torch.nn.functional.linear(x[s:e], weight).float()  # the one fp32 copy of this chunk
@@ -130,13 +133,13 @@ class _ChunkedHeadLogProbs(torch.autograd.Function):
         logp.masked_fill_(ignored, 0.0)
         ctx.save_for_backward(x, weight, local_idx, in_range, ignored, lse)
         ctx.chunk = chunk
-        return logp
+        return out
 
     @staticmethod
     def backward(ctx, grad_logp):
         x, weight, local_idx, in_range, ignored, lse = ctx.saved_tensors
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        g = grad_logp.float().masked_fill(ignored, 0.0)
+        g = grad_logp.reshape(-1).float().masked_fill(ignored, 0.0)
         grad_x = torch.empty_like(x) if need_x else None
         # fp32 weights accumulate in place; lower precision ones in an fp32 accumulator (the
         # unchunked path rounds the whole sum once, so must this one)
@@ -157,7 +160,7 @@ class _ChunkedHeadLogProbs(torch.autograd.Function):
             del d
         if grad_w is not None:
             grad_w = grad_w.to(weight.dtype)
-        return grad_x, grad_w, None, None, None, None
+        return grad_x, grad_w, None, None, None, None, None
 
 
 def chunked_head_log_probs(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
@@ -182,5 +185,4 @@ def chunked_head_log_probs(x: torch.Tensor, weight: torch.Tensor, targets: torch
     flat_t = targets.reshape(-1).to(flat_x.device)
     if flat_x.shape[0] != flat_t.shape[0]:
         raise ValueError(f"chunked_head_log_probs: {flat_x.shape[0]} hidden states but {flat_t.shape[0]} targets")
-    out = _ChunkedHeadLogProbs.apply(flat_x, weight, flat_t, int(vocab_start), group, int(chunk_tokens))
-    return out.reshape(shape)
+    return _ChunkedHeadLogProbs.apply(flat_x, weight, flat_t, int(vocab_start), group, int(chunk_tokens), shape)

@@ -16,7 +16,7 @@ import sys
 from collections import Counter
 from typing import Any, Callable, Iterator, Sequence
 
-from megatron_phi4.fileio import fsync_dir
+from megatron_phi4.fileio import atomic_write_json, fsync_dir
 
 __all__ = ["RecordError", "iter_jsonl", "run_records", "FateReport", "AtomicJsonlWriter", "write_json_atomic",
            "LazyTokenizer", "token_ids", "prompt_messages", "prompt_ids_of", "response_ids_of",
@@ -132,16 +132,8 @@ class AtomicJsonlWriter:
 
 
 def write_json_atomic(path: str, obj: Any) -> None:
-    path = os.path.abspath(path)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(os.path.dirname(path))
+    """``obj`` as indented JSON at ``path``, atomically (``fileio.atomic_write_json``)."""
+    atomic_write_json(path, obj)
 
 
 # --------------------------------------------------------------------------- token ids

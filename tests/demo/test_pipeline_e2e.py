@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from megatron_phi4.fileio import atomic_write_json
 from tests.distributed_utils import run_distributed
 
 pytestmark = pytest.mark.torchrun
@@ -65,7 +66,7 @@ def _demo(rank, world, argv):
             info = {"questions": len(questions), "pairs": len(pairs), "seconds": 0.0, "pivotal_tokens": 0,
                     "rollouts": 0, "test_fallback": True}
             R._write_jsonl(round_dir / "pairs.jsonl", pairs)
-            R._write_json(round_dir / "pairs.info.json", info)
+            atomic_write_json(round_dir / "pairs.info.json", info)
             return round_dir / "pairs.jsonl", info
 
     R._make_pairs = make_pairs

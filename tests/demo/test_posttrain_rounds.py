@@ -9,6 +9,7 @@ import pytest
 from megatron_phi4.demo import arithmetic as A
 from megatron_phi4.demo import posttrain_rounds as R
 from megatron_phi4.demo.evaluate import Accuracy
+from megatron_phi4.fileio import atomic_write_json
 from megatron_phi4.posttrain.judge import JudgePairOptions, build_judge_pairs, parse_judge_scores
 
 P = A.Problem(482, "+", 379)  # 861
@@ -165,7 +166,7 @@ def fake_run(tmp_path, monkeypatch):
         if path.is_file() and json.loads(path.read_text())["key"] == key:
             return R.ModelRow(name, checkpoint, Accuracy.of(1, 2), Accuracy.of(1, 2), pairs)
         calls["evaluate"].append(f"computed {name}")
-        R._write_json(path, {"key": key})
+        atomic_write_json(path, {"key": key})
         return R.ModelRow(name, checkpoint, Accuracy.of(1, 2), Accuracy.of(1, 2), pairs)
 
     def sample(checkpoint, questions, vocab, path, budget, seed, progress, batch_questions=16):

@@ -45,3 +45,28 @@ def test_reduce_scatter_once_per_step(every):
     for n_calls, local, total in run_distributed(_count_reduce_scatters, 2, every):
         assert n_calls == units * (4 if every else 1)
         assert local * 2 == total  # ZeRO-3: each DP rank holds half of every parameter
+
+
+def _step_warnings(rank, world):
+    import warnings
+
+    from megatron_phi4.config import ParallelConfig
+    from megatron_phi4.engine import ParallelEngine
+    from megatron_phi4.distributed.parallel_dims import ParallelDims
+    from megatron_phi4.losses import LMLoss
+
+    pcfg = ParallelConfig()
+    engine = ParallelEngine(tiny_cfg(), pcfg, ParallelDims.build(pcfg, model_cfg=tiny_cfg()), seed=0)
+    mbs = make_lm_microbatches(2, seed=rank)
+    loss_fn = LMLoss()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        engine.forward_backward(mbs, loss_fn, engine.global_units(mbs, loss_fn))
+    return [str(w.message) for w in caught]
+
+
+def test_fsdp_root_output_is_not_a_view():
+    # FSDP2 warns (every stage of every run) when the root module returns a view, because it cannot
+    # hook in-place ops on it; the head's log-prob output must be a tensor of its own
+    for messages in run_distributed(_step_warnings, 2):
+        assert not [m for m in messages if "view tensor" in m], messages
