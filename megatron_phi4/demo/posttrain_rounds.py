@@ -272,7 +272,9 @@ def dpo_stage_tree(name: str, init_checkpoint: str, pairs_path: str, run_dir: st
         "name": f"arithmetic_{name}", "run_dir": str(run_dir), "seed": int(seed), "model": dict(model),
         "parallel": {"tp": 1, "pp": 1, "dp": -1},
         "checkpoint": {"interval": max(1, steps // 2), "keep_last": 1},
-        "logging": {"log_interval": max(1, steps // 3), "tensorboard": False},
+        # TensorBoard beside metrics.jsonl, so `tensorboard --logdir <work dir>` shows the DPO rounds
+        # (loss, reward margin, implicit-reward accuracy) next to pre-training and SFT
+        "logging": {"log_interval": max(1, steps // 8), "tensorboard": True},
         "stages": [{
             "name": "dpo", "train_steps": steps, "init_from": str(init_checkpoint),
             "data": {"kind": "preference", "paths": [str(pairs_path)], "seq_length": budget.dpo_seq_length,

@@ -135,6 +135,8 @@ def test_demo_end_to_end_four_processes_and_rerun_reuses(tmp_path):
         assert re.search(rf"^\| {name} \|", table, re.M), name
     assert "| **total** |" in table and md2.splitlines()[:12] == table.split("\n", 2)[2].splitlines()[:12]
     assert any((work / "train" / "tensorboard").iterdir())
+    for name in ("dpo1", "dpo2"):  # the DPO rounds' curves too
+        assert any(work.glob(f"posttrain/*/{name}/run/tensorboard/**/events.out.tfevents.*")), name
     assert json.loads((work / "results.json").read_text())["stages"] == res2["stages"]
 
     # 3. again: everything reused, nothing launched, trained or evaluated
