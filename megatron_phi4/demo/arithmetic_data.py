@@ -46,9 +46,9 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from megatron_phi4.data.cache import file_lock
-from megatron_phi4.fileio import atomic_write_json
 from megatron_phi4.demo import arithmetic as task
 from megatron_phi4.demo.trimmed_vocab import TrimmedVocab, trim_indexed_dataset
+from megatron_phi4.fileio import atomic_write_json
 
 __all__ = ["DataSizes", "ArithmeticData", "write_arithmetic_data", "read_problems",
            "ARITHMETIC_DATA_VERSION"]

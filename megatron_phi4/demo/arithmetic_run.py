@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Dict, Optional
 
 from megatron_phi4.demo.arithmetic import DEFAULT_TASK, TaskSpec
-from megatron_phi4.fileio import atomic_write_text
 from megatron_phi4.demo.arithmetic_data import ArithmeticData, DataSizes, write_arithmetic_data
 from megatron_phi4.demo.trimmed_vocab import VOCAB_FILE, TrimmedVocab
+from megatron_phi4.fileio import atomic_write_text
 
 __all__ = ["ArithmeticModel", "arithmetic_recipe", "train_arithmetic_model", "run_recipe_stages", "DEFAULT_MODEL",
            "DEFAULT_PRETRAIN_STEPS", "DEFAULT_SFT_STEPS"]

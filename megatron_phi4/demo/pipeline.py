@@ -51,12 +51,12 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from megatron_phi4.fileio import atomic_write_json
 from megatron_phi4.demo.pipeline_settings import (
     DemoError, DemoRunError, DemoSettings, STAGES, TRAIN_STAGES, check_settings, demo_recipe, describe_stage,
     parse_args,
 )
 from megatron_phi4.demo.pipeline_report import DemoResults, StageResult, last_loss, write_results
+from megatron_phi4.fileio import atomic_write_json
 
 __all__ = ["run_demo", "main", "DemoError"]
 

@@ -136,7 +136,6 @@ class DemoResults:
 
 
 def write_results(results: DemoResults, work_dir) -> None:
-
     work = Path(work_dir)
     extra = "\n## Post-training report\n\n" + results.posttrain_markdown if results.posttrain_markdown else ""
     atomic_write_text(work / "results.md", "# phi4-demo results\n\n" + results.to_markdown() + extra)

@@ -20,6 +20,7 @@ import copy
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
 from megatron_phi4.fileio import atomic_write_text
 
 __all__ = ["DemoError", "DemoRunError", "DemoSettings", "PRESETS", "STAGES", "TRAIN_STAGES",

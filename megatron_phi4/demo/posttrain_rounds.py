@@ -51,9 +51,9 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 from megatron_phi4.demo import arithmetic as task
-from megatron_phi4.fileio import atomic_write_json, atomic_write_text
 from megatron_phi4.demo.arithmetic_data import read_problems
 from megatron_phi4.demo.evaluate import Accuracy, evaluate_accuracy
+from megatron_phi4.fileio import atomic_write_json, atomic_write_text
 from megatron_phi4.posttrain.judge import JudgeScores
 from megatron_phi4.posttrain.oracles.base import Oracle, OracleResult, require_str
 
@@ -460,7 +460,7 @@ def _evaluate(name: str, checkpoint: str, problems: List[dict], vocab, budget: P
                             temperature=EVAL_TEMPERATURE, seed=seed, batch_size=budget.eval_batch_size,
                             min_problems=min(len(problems), 500), log=None)
     atomic_write_json(path, {"key": key, "greedy": asdict(res.greedy), "sampled": asdict(res.sampled),
-                       "seconds": round(time.time() - t0, 1)})
+                             "seconds": round(time.time() - t0, 1)})
     progress(f"[posttrain] {name}: greedy {res.greedy}; sampled T={EVAL_TEMPERATURE} {res.sampled} "
              f"({time.time() - t0:.0f}s)")
     return ModelRow(name, str(checkpoint), res.greedy, res.sampled, pairs)
@@ -528,6 +528,6 @@ def run_posttraining(sft_checkpoint: str, *, vocab, data, work_dir: str, method:
     report = PostTrainReport(method=method, rows=rows, num_eval=len(problems), budget=budget, rounds=rounds,
                              wall_s=time.time() - t0)
     atomic_write_json(work / method / "report.json", {"method": method, "rows": [r.to_dict() for r in rows],
-                                                "rounds": rounds, "budget": asdict(budget),
-                                                "num_eval": len(problems)})
+                                                      "rounds": rounds, "budget": asdict(budget),
+                                                      "num_eval": len(problems)})
     return report

@@ -271,7 +271,7 @@ def test_fp8_training_loss_within_2_percent_of_fp32(recipe):
             loss = out.loss_sum / LMLoss().units(mb)
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
         final[name] = sum(losses[-5:]) / 5  # mean of the last 5 steps: less noise than one step
         assert final[name] < 0.6 * losses[0], (name, losses[0], final[name])  # it learned something
     assert abs(final["fp8"] - final["fp32"]) / final["fp32"] < 0.02, final
