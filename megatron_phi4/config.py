@@ -387,6 +387,8 @@ class LossConfig:
     dpo_loss_type: str = "sigmoid"  # TRL's DPOConfig.loss_type names, plus cdpo (smoothed sigmoid)
     dpo_label_smoothing: float = 0.0  # robust, exo_pair (needs > 0), aot, aot_unpaired, cdpo only
     dpo_discopop_tau: float = 0.05  # discopop's temperature (TRL's default)
+    # > 0 adds TRL's "sft" loss type with this weight: NLL of the chosen completions (RPO / MPO)
+    dpo_sft_weight: float = 0.0
     # Where the reference log-probs come from: "model" (a frozen copy of the stage's initial weights
     # runs beside the policy) or "precomputed" (tools/precompute_ref_logprobs.py wrote them beside the
     # preference data; checked against the stage's initial checkpoint by its fingerprint).
@@ -408,6 +410,7 @@ class LossConfig:
         _require(self.dpo_loss_type != "exo_pair" or self.dpo_label_smoothing > 0,
                  f"{prefix}.dpo_label_smoothing", "dpo_loss_type 'exo_pair' needs label smoothing > 0 (e.g. 1e-3)")
         _require(self.dpo_discopop_tau > 0, f"{prefix}.dpo_discopop_tau", "must be positive")
+        _require(0 <= self.dpo_sft_weight < float("inf"), f"{prefix}.dpo_sft_weight", "must be a finite number >= 0")
         _choice(self.dpo_reference, f"{prefix}.dpo_reference", ("model", "precomputed"))
 
 

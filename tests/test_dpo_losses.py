@@ -51,8 +51,9 @@ def random_inputs(seed: int, dtype=torch.float64, scale: float = 3.0):
     return pc, pr, rc, rr, clen, rlen
 
 
-def trl_loss(compute_loss, pc, pr, rc, rr, clen, rlen, loss_type, beta=BETA, eps=0.0, tau=0.05):
-    """TRL 1.16's batch loss for these sequence log-probs (differentiable w.r.t. pc and pr)."""
+def trl_loss(compute_loss, pc, pr, rc, rr, clen, rlen, loss_type, beta=BETA, eps=0.0, tau=0.05, sft_weight=None):
+    """TRL 1.16's batch loss for these sequence log-probs (differentiable w.r.t. pc and pr);
+    ``sft_weight``: TRL's multi-loss ``loss_type=[loss_type, "sft"], loss_weights=[1.0, sft_weight]``."""
     n = pc.shape[0]
     lengths = torch.cat([clen, rlen])
     width = int(lengths.max()) + 2  # at least one prompt token on the left of every completion
@@ -71,7 +72,8 @@ def trl_loss(compute_loss, pc, pr, rc, rr, clen, rlen, loss_type, beta=BETA, eps
         model=model, accelerator=SimpleNamespace(device=torch.device("cpu"), gather_for_metrics=lambda x: x,
                                                  gather=lambda x: x),
         aux_loss_enabled=False, ld_alpha=None, precompute_ref_logps=True, f_divergence_type="reverse_kl",
-        loss_types=[loss_type], loss_weights=[1.0], beta=beta, label_smoothing=eps, use_weighting=False,
+        loss_types=[loss_type] + (["sft"] if sft_weight is not None else []),
+        loss_weights=[1.0] + ([sft_weight] if sft_weight is not None else []), beta=beta, label_smoothing=eps, use_weighting=False,
         args=SimpleNamespace(discopop_tau=tau), _metrics=defaultdict(lambda: defaultdict(list)),
         _total_train_tokens=0, _tp_size=1)
     inputs = {"input_ids": torch.zeros(2 * n, width, dtype=torch.long),
@@ -233,3 +235,40 @@ def test_config_validation_agrees_with_the_loss(loss_type, eps):
     with pytest.raises(ConfigError, match="loss.dpo_loss_type: got 'nope'"):
         LossConfig(type="dpo", dpo_loss_type="nope").validate()
     assert math.isclose(LossConfig().dpo_discopop_tau, 0.05)
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "aot"])
+@pytest.mark.parametrize("sft_weight", [0.3, 1.0])
+def test_stage_loss_with_sft_weight_equals_trl_multi_loss(trl_compute_loss, loss_type, sft_weight):
+    """DPOLoss(sft_weight=w) on one micro-batch == TRL's loss_type=[<type>, "sft"], loss_weights=[1, w]
+    (completions of different lengths: TRL's sft term is a mean over the batch's chosen tokens)."""
+    from megatron_phi4.losses import DPOLoss
+    from megatron_phi4.losses.base import LabelLogProbs
+
+    pc, pr, rc, rr, clen, rlen = random_inputs(5)
+    ref = trl_loss(trl_compute_loss, pc, pr, rc, rr, clen, rlen, loss_type, sft_weight=sft_weight)
+    width = int(torch.cat([clen, rlen]).max()) + 2
+    mask = torch.zeros(2 * B, width)
+    values = torch.zeros(2 * B, width, dtype=pc.dtype)
+    for i, k in enumerate(torch.cat([clen, rlen]).tolist()):
+        mask[i, width - k:] = 1
+        values[i, -1] = torch.cat([pc, pr])[i]  # each row's sequence log-prob on its last completion token
+    batch = {"labels": torch.zeros(2 * B, width, dtype=torch.long), "loss_mask": mask,
+             "ref_chosen_logp": rc, "ref_rejected_logp": rr}
+    out = DPOLoss(beta=BETA, loss_type=loss_type, sft_weight=sft_weight)(LabelLogProbs(values.float()), batch)
+    torch.testing.assert_close((out.loss_sum / out.units).double(), ref, rtol=1e-6, atol=0)
+    # the sft term is really there: without it the value is TRL's single-type loss
+    plain = DPOLoss(beta=BETA, loss_type=loss_type)(LabelLogProbs(values.float()), batch)
+    nll = float(-pc.sum() / clen.sum())
+    torch.testing.assert_close(float((out.loss_sum - plain.loss_sum) / out.units), sft_weight * nll, rtol=1e-5, atol=0)
+    torch.testing.assert_close(float(out.metrics["dpo/sft_nll"] / out.units), nll, rtol=1e-5, atol=0)
+
+
+def test_sft_weight_is_validated_by_the_loss_and_the_config():
+    from megatron_phi4.losses import DPOLoss
+
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="sft_weight"):
+            DPOLoss(sft_weight=bad)
+        with pytest.raises(ConfigError, match="dpo_sft_weight"):
+            LossConfig(type="dpo", dpo_sft_weight=bad).validate()

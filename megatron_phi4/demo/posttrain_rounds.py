@@ -68,6 +68,9 @@ ROUNDS = {"pts_judge": (("dpo1", "pts"), ("dpo2", "judge")),
 EVAL_TEMPERATURE = 0.7
 
 
+OPTIONAL_ZERO = ("dpo_sft_weight",)  # float fields where 0 means "off"
+
+
 @dataclass(frozen=True)
 class PostTrainBudget:
     """What each round may spend; identical for both methods (see the module docstring)."""
@@ -89,6 +92,7 @@ class PostTrainBudget:
     dpo_lr: float = 2e-5
     dpo_beta: float = 0.1
     dpo_loss_type: str = "sigmoid"
+    dpo_sft_weight: float = 0.0        # > 0: + TRL's "sft" term (NLL of the chosen completions)
     eval_max_new_tokens: int = 160
     eval_batch_size: int = 128
 
@@ -97,8 +101,10 @@ class PostTrainBudget:
             v = getattr(self, f.name)
             if f.type == "int" and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"PostTrainBudget.{f.name}: expected an int >= 1, got {v!r}")
-            if f.type == "float" and not (isinstance(v, (int, float)) and v > 0):
+            if f.type == "float" and not (isinstance(v, (int, float)) and v > 0) and f.name not in OPTIONAL_ZERO:
                 raise ValueError(f"PostTrainBudget.{f.name}: expected a number > 0, got {v!r}")
+        if not (isinstance(self.dpo_sft_weight, (int, float)) and 0 <= self.dpo_sft_weight < float("inf")):
+            raise ValueError(f"PostTrainBudget.dpo_sft_weight: expected a finite number >= 0, got {self.dpo_sft_weight!r}")
         if self.pts_p_gap > 1:
             raise ValueError(f"PostTrainBudget.pts_p_gap: expected a number in (0, 1], got {self.pts_p_gap}")
         if self.dpo_global_batch % self.dpo_micro_batch:
@@ -282,7 +288,8 @@ def dpo_stage_tree(name: str, init_checkpoint: str, pairs_path: str, run_dir: st
                      "seed": int(seed), "pad_id": vocab.pad_id, "eod_id": vocab.eod_id},
             "optim": {"lr": budget.dpo_lr, "min_lr": budget.dpo_lr, "weight_decay": 0.0, "warmup_steps": 0,
                       "decay_style": "constant", "clip_grad": 1.0},
-            "loss": {"type": "dpo", "dpo_beta": budget.dpo_beta, "dpo_loss_type": budget.dpo_loss_type},
+            "loss": {"type": "dpo", "dpo_beta": budget.dpo_beta, "dpo_loss_type": budget.dpo_loss_type,
+                     "dpo_sft_weight": budget.dpo_sft_weight},
         }],
     }
 
@@ -469,6 +476,8 @@ def _evaluate(name: str, checkpoint: str, problems: List[dict], vocab, budget: P
 def _check_settings(path: Path, settings: dict) -> None:
     if path.is_file():
         old = json.loads(path.read_text())
+        if isinstance(old.get("budget"), dict):  # fields added since that run: their defaults, which it used
+            old["budget"] = {**asdict(PostTrainBudget()), **old["budget"]}
         for k in sorted(set(old) | set(settings)):
             if old.get(k) != settings.get(k):
                 raise ValueError(f"{path}: this work_dir holds post-training with {k}={old.get(k)!r}, now "

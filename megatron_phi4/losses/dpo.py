@@ -12,6 +12,8 @@ and only that position's log-prob enters the loss.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -47,15 +49,25 @@ class DPOLoss:
     per-device batch); the engine's micro-batches are the same consecutive chunks of the global
     batch under every TP x PP x DP layout, so the loss depends on ``micro_batch_size`` but not on
     the layout. Sorting detaches losses from pairs, so they refuse weights other than 1.
+
+    ``sft_weight`` w > 0 adds TRL's ``"sft"`` loss type beside the preference one (TRL:
+    ``loss_type=[<type>, "sft"], loss_weights=[1.0, w]``; RPO / MPO): w times the negative
+    log-likelihood of the chosen completions, averaged over the chosen tokens of the micro-batch
+    (TRL averages over the tokens of its per-device batch), so a micro-batch of P pairs adds
+    ``w * P * token-mean NLL`` to the loss sum. Per-pair weights scale the preference term only
+    (TRL has none; its ``sft`` term is a batch mean). Logged as ``dpo/sft_nll`` (the token-mean NLL).
     """
 
     inputs = "label_log_probs"  # the head computes them chunk by chunk (losses/base.py)
 
     def __init__(self, beta: float = 0.1, label_smoothing: float = 0.0, loss_type: str = "sigmoid",
-                 discopop_tau: float = DEFAULT_DISCOPOP_TAU):
+                 discopop_tau: float = DEFAULT_DISCOPOP_TAU, sft_weight: float = 0.0):
         check_dpo_options(loss_type, beta, label_smoothing, discopop_tau)
+        if not (isinstance(sft_weight, (int, float)) and sft_weight >= 0 and math.isfinite(sft_weight)):
+            raise ValueError(f"sft_weight: must be a finite number >= 0, got {sft_weight!r}")
         self.beta, self.label_smoothing = float(beta), float(label_smoothing)
         self.loss_type, self.discopop_tau = loss_type, float(discopop_tau)
+        self.sft_weight = float(sft_weight)
 
     def __call__(self, logits, batch, tp_group=None) -> LossOutput:
         mask = batch["loss_mask"]
@@ -76,6 +88,10 @@ class DPOLoss:
                                  "batch, so its losses do not belong to pairs and per-pair weights cannot apply; "
                                  "use weight 1 (or omit it) or another loss type")
             per_pair = per_pair * weight
+        loss_sum = per_pair.sum()
+        if self.sft_weight:
+            sft_nll = -chosen.sum() / chosen_len.sum().clamp(min=1.0)  # token mean over this micro-batch
+            loss_sum = loss_sum + self.sft_weight * chosen.shape[0] * sft_nll
         with torch.no_grad():
             chosen_reward = self.beta * (chosen - ref_chosen)
             rejected_reward = self.beta * (rejected - ref_rejected)
@@ -86,7 +102,9 @@ class DPOLoss:
                 "dpo/chosen_reward": chosen_reward.sum(),
                 "dpo/rejected_reward": rejected_reward.sum(),
             }
-        return LossOutput(per_pair.sum(), self.units(batch), metrics)
+            if self.sft_weight:
+                metrics["dpo/sft_nll"] = sft_nll.detach() * chosen.shape[0]
+        return LossOutput(loss_sum, self.units(batch), metrics)
 
     def units(self, batch) -> torch.Tensor:
         return torch.tensor(float(batch["labels"].shape[0] // 2))
@@ -94,4 +112,5 @@ class DPOLoss:
 
 def build_dpo_loss(cfg) -> DPOLoss:
     """Factory registered as ``loss.type: dpo`` (cfg: LossConfig)."""
-    return DPOLoss(cfg.dpo_beta, cfg.dpo_label_smoothing, cfg.dpo_loss_type, cfg.dpo_discopop_tau)
+    return DPOLoss(cfg.dpo_beta, cfg.dpo_label_smoothing, cfg.dpo_loss_type, cfg.dpo_discopop_tau,
+                   cfg.dpo_sft_weight)

@@ -124,13 +124,17 @@ def test_both_methods_get_the_same_training_budget():
     st = trees["dpo1"]["stages"][0]
     assert st["train_steps"] == 12 and st["data"]["global_batch_size"] == 8 and st["optim"]["lr"] == 3e-5
     assert st["loss"]["type"] == "dpo" and st["data"]["pad_id"] == 7 and b.pairs_trained_per_round == 96
+    assert st["loss"]["dpo_sft_weight"] == 0.0
+    sft = R.dpo_stage_tree("dpo1", "/c", "/p.jsonl", "/r", model, _Vocab(), R.PostTrainBudget(dpo_sft_weight=0.5), 3)
+    assert from_dict(RecipeConfig, sft).validate(1).stages[0].loss.dpo_sft_weight == 0.5
     recipe = from_dict(RecipeConfig, trees["full_dpo2"]).validate(1)
     assert recipe.stages[0].num_steps() == 12 and recipe.stages[0].init_from == "/ckpt/full_dpo2"
 
 
 @pytest.mark.parametrize("kw, match", [(dict(dpo_steps=0), "dpo_steps"), (dict(dpo_lr=-1.0), "dpo_lr"),
                                        (dict(dpo_global_batch=12, dpo_micro_batch=8), "dpo_global_batch"),
-                                       (dict(pts_p_gap=1.5), "pts_p_gap")])
+                                       (dict(pts_p_gap=1.5), "pts_p_gap"), (dict(dpo_sft_weight=-0.5), "dpo_sft_weight"),
+                                       (dict(dpo_sft_weight=float("nan")), "dpo_sft_weight")])
 def test_bad_budget_names_the_field(kw, match):
     with pytest.raises(ValueError, match=match):
         R.PostTrainBudget(**kw)
@@ -244,6 +248,14 @@ def test_resume_reuses_finished_rounds_and_refuses_other_settings(fake_run):
     assert calls["sample"] == before["sample"] and calls["train"][-1] == ("dpo2", "/ckpt/dpo1", 2)
     with pytest.raises(ValueError, match="budget="):
         run("pts_judge", budget=R.PostTrainBudget(questions_per_round=3, max_pairs=3))
+    # a work dir written before a budget field existed: the field's default is what that run used
+    settings = tmp / "work/pts_judge/settings.json"
+    old = json.loads(settings.read_text())
+    del old["budget"]["dpo_sft_weight"]
+    settings.write_text(json.dumps(old))
+    run("pts_judge")
+    with pytest.raises(ValueError, match="dpo_sft_weight"):
+        run("pts_judge", budget=R.PostTrainBudget(questions_per_round=3, max_pairs=2, dpo_sft_weight=1.0))
 
 
 def test_bad_arguments_fail_before_any_work(fake_run):

@@ -55,17 +55,19 @@ def make_dpo_microbatches(n: int, pairs: int = 1, seq: int = SEQ, seed: int = 0,
 
 
 def dpo_loss_type(kind: str) -> str | None:
-    """``"dpo"`` -> sigmoid, ``"dpo:<type>"`` -> that DPO loss type; None for LM kinds."""
+    """``"dpo"`` -> sigmoid, ``"dpo:<type>"`` -> that DPO loss type (``"+sft"``: with TRL's sft term
+    at weight 0.5); None for LM kinds."""
     if not kind.startswith("dpo"):
         return None
-    return kind.partition(":")[2] or "sigmoid"
+    return kind.partition(":")[2].partition("+")[0] or "sigmoid"
 
 
 def make_loss(kind: str):
     loss_type = dpo_loss_type(kind)
     if loss_type is None:
         return LMLoss()
-    return DPOLoss(beta=0.1, loss_type=loss_type, label_smoothing=0.1 if loss_type in LABEL_SMOOTHING_TYPES else 0.0)
+    return DPOLoss(beta=0.1, loss_type=loss_type, label_smoothing=0.1 if loss_type in LABEL_SMOOTHING_TYPES else 0.0,
+                   sft_weight=0.5 if kind.endswith("+sft") else 0.0)
 
 
 def make_steps(kind: str, steps: int, n_global_mb: int, packed: bool = False):

@@ -5,7 +5,7 @@ Every run uses gradient accumulation of 4 micro-batches per DP rank, uneven loss
 token weighting across micro-batches and DP ranks matters) and clipping that is active.
 The matrix covers TP {1,2} x PP {1,2} (1F1B, interleaved, GPipe) x DP {1,2}, sequence parallelism
 on/off, recompute none/selective/full, packed documents, FSDP and replicated DP, LM and DPO (sigmoid, and
-aot / ipo / aot_unpaired with two pairs per micro-batch),
+aot / ipo / aot_unpaired / sigmoid + TRL's sft term with two pairs per micro-batch),
 without the full cross product.
 """
 import pytest
@@ -36,6 +36,8 @@ LAYOUTS = [
     ("tp2-dpo-aot", 2, dict(tp=2), "dpo:aot", False),
     ("pp2-dpo-ipo", 2, dict(pp=2, pp_schedule="1f1b"), "dpo:ipo", False),
     ("dp2-dpo-aot_unpaired", 2, dict(), "dpo:aot_unpaired", False),
+    # + TRL's sft term (a token mean per micro-batch: the micro-batches must be the same chunks)
+    ("tp2-pp2-dpo-sft", 4, dict(tp=2, pp=2, pp_schedule="1f1b"), "dpo:sigmoid+sft", False),
     ("tp2-pp2-dp2-interleaved-sp-selective", 8,
      dict(tp=2, pp=2, pp_schedule="interleaved_1f1b", virtual_stages=2, sequence_parallel=True,
           recompute="selective"), "lm", False),
