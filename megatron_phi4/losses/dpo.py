@@ -12,8 +12,6 @@ and only that position's log-prob enters the loss.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -62,9 +60,7 @@ class DPOLoss:
 
     def __init__(self, beta: float = 0.1, label_smoothing: float = 0.0, loss_type: str = "sigmoid",
                  discopop_tau: float = DEFAULT_DISCOPOP_TAU, sft_weight: float = 0.0):
-        check_dpo_options(loss_type, beta, label_smoothing, discopop_tau)
-        if not (isinstance(sft_weight, (int, float)) and sft_weight >= 0 and math.isfinite(sft_weight)):
-            raise ValueError(f"sft_weight: must be a finite number >= 0, got {sft_weight!r}")
+        check_dpo_options(loss_type, beta, label_smoothing, discopop_tau, sft_weight)
         self.beta, self.label_smoothing = float(beta), float(label_smoothing)
         self.loss_type, self.discopop_tau = loss_type, float(discopop_tau)
         self.sft_weight = float(sft_weight)

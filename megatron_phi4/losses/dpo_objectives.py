@@ -46,7 +46,7 @@ DEFAULT_DISCOPOP_TAU = 0.05  # TRL's DPOConfig default, the DiscoPOP paper's rec
 
 
 def check_dpo_options(loss_type: str, beta: float, label_smoothing: float = 0.0,
-                      discopop_tau: float = DEFAULT_DISCOPOP_TAU) -> None:
+                      discopop_tau: float = DEFAULT_DISCOPOP_TAU, sft_weight: float = 0.0) -> None:
     """Raise ``ValueError`` (naming the argument and the allowed values) for options no DPO
     objective accepts; the config layer applies the same rules to ``loss.dpo_*``."""
     if loss_type not in DPO_LOSS_TYPES:
@@ -64,6 +64,8 @@ def check_dpo_options(loss_type: str, beta: float, label_smoothing: float = 0.0,
                          "paper recommends 1e-3)")
     if not (discopop_tau > 0 and math.isfinite(discopop_tau)):
         raise ValueError(f"discopop_tau: must be a positive finite number, got {discopop_tau!r}")
+    if not (isinstance(sft_weight, (int, float)) and sft_weight >= 0 and math.isfinite(sft_weight)):
+        raise ValueError(f"sft_weight: must be a finite number >= 0, got {sft_weight!r}")
 
 
 def _smoothed_logistic(z: torch.Tensor, eps: float) -> torch.Tensor:
