@@ -27,7 +27,7 @@ setup(
     entry_points={
         "console_scripts": [
             "phi4-demo=megatron_phi4.demo.pipeline:main",
-            "phi4-train=megatron_phi4.train:main",
+            "phi4-train=megatron_phi4.train:cli",
             "phi4-convert=megatron_phi4.checkpoint.hf_convert:main",
             "phi4-preprocess=megatron_phi4.data.preprocess:main",
             "phi4-preprocess-chat=megatron_phi4.data.preprocess_chat:main",

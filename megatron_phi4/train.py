@@ -31,6 +31,7 @@ from pathlib import Path
 
 from megatron_phi4.launch.env import apply_slurm_env
 from megatron_phi4.launch.stop import EarlyStop, clear_stop_marker, write_stop_marker
+from megatron_phi4.process import run_and_exit
 
 DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "examples" / "recipes" / "tiny_cpu.yaml"
 DEFAULT_SAMPLE_DIR = "runs/sample_data"
@@ -171,6 +172,10 @@ def _main(argv: list[str] | None, early_stop: EarlyStop) -> int:
         if summary.get("stopped_by_signal"):  # launch: tells examples/slurm/train.sbatch to requeue
             write_stop_marker(recipe.run_dir, summary)
     if dist.is_initialized():
+        if dims.world_size > 1:
+            # No rank leaves before rank 0 has written what the batch script reads: a rank that
+            # dies on its way out (megatron_phi4/process.py) cannot take the requeue with it.
+            dist.barrier()
         dist.destroy_process_group()
     return 0
 
@@ -216,5 +221,12 @@ def _print_summary(summary: dict) -> None:
     print("\n".join(lines), flush=True)
 
 
+def cli(argv: list[str] | None = None) -> None:
+    """The process entry point (``phi4-train``, ``python -m``, ``torchrun -m``): :func:`main`, then
+    the process ends without interpreter finalization (gloo's threads are still running; see
+    ``megatron_phi4/process.py``)."""
+    run_and_exit(main, argv)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()

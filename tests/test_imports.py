@@ -11,7 +11,7 @@ PKG = Path(__file__).resolve().parents[1] / "megatron_phi4"
 
 # Level of each top-level package or module of megatron_phi4; a unit imports only lower or equal levels.
 LEVELS = {
-    "config": 0, "registry": 0, "fileio": 0, "tokenizer": 0, "logs": 0,
+    "config": 0, "registry": 0, "fileio": 0, "process": 0, "tokenizer": 0, "logs": 0,
     "distributed": 1, "data": 1,
     "layers": 2,
     "models": 3, "losses": 3,

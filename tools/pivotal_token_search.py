@@ -13,6 +13,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.p
 
 from megatron_phi4 import load_model  # noqa: E402
 from megatron_phi4.posttrain.pts_tool import main  # noqa: E402
+from megatron_phi4.process import run_and_exit  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main(load_model=load_model))
+    run_and_exit(main, load_model=load_model)  # no interpreter finalization (megatron_phi4/process.py)

@@ -163,4 +163,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from megatron_phi4.process import run_and_exit
+
+    run_and_exit(main)  # no interpreter finalization under gloo (megatron_phi4/process.py)

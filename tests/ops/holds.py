@@ -9,6 +9,9 @@ change no numerics (they only wait), so a held run's losses still equal an unhel
   reached every worker on every node: a worker the signal missed waits until its hang guard
   raises, and the test fails. ``steps`` maps SLURM's restart count (``SLURM_RESTART_COUNT``, 0
   for the first run of a job) to N, so each run of a requeued job holds at its own step.
+* :class:`AbortOnExit` -- after the run, one rank of one run of a requeued job (``restart``,
+  ``rank``) dies with SIGABRT in its ``atexit`` handlers, as a worker once did at interpreter exit
+  on the CI: the stop's checkpoint and marker are done, so the batch script must requeue anyway.
 * :class:`PauseNode` -- before global step N, the workers of one "node" (the ``PHI4_TEST_NODE``
   value its launcher was started with) write ``marker_dir/paused.<rank>`` and sleep until they
   are killed; the other node's workers go on into step N and block in its first collective with
@@ -16,6 +19,7 @@ change no numerics (they only wait), so a held run's losses still equal an unhel
 """
 from __future__ import annotations
 
+import atexit
 import os
 import time
 from pathlib import Path
@@ -48,6 +52,17 @@ class HoldUntilStopSignal(Callback):
                 raise RuntimeError(f"rank {trainer.dims.rank}: no stop signal arrived within {self.hang_guard_s}s "
                                    f"of global step {result.global_step}")
             time.sleep(0.05)
+
+
+class AbortOnExit(Callback):
+    name = "abort_on_exit"
+
+    def __init__(self, restart: int, rank: int):
+        self.restart, self.rank = int(restart), int(rank)
+
+    def post_run(self, trainer) -> None:
+        if int(os.environ.get("SLURM_RESTART_COUNT", 0)) == self.restart and trainer.dims.rank == self.rank:
+            atexit.register(os.abort)
 
 
 class PauseNode(Callback):

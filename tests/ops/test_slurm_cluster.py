@@ -8,7 +8,8 @@ recipe (losses from metrics.jsonl, rel 1e-5).
 * pre-emption, both ways a batch shell is warned: the time limit (``--time=1
   --signal=B:USR1@50``) and ``scancel --signal=USR1 -b``; each time every worker gets the signal,
   saves, exits 0, the script requeues the job, and the requeued job resumes from ``latest``; after
-  two requeues the run completes with the losses of an uninterrupted run (PP2 x DP2). The second
+  two requeues the run completes with the losses of an uninterrupted run (PP2 x DP2). In the
+  second run one worker dies with SIGABRT on its way out, after the checkpoint: requeued anyway. The second
   signal is sent while all workers are held after a known step, and they stay held until *each*
   of them has it; the time limit's warning lands wherever SLURM's periodic check puts it (during
   start-up it is kept and stops the run after step 1; otherwise the run holds at step 2 for it).
@@ -22,6 +23,7 @@ Hang guards only (generous): a busy 2-core machine must never reach them.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -148,7 +150,9 @@ def test_preemption_saves_requeues_and_resumes_to_the_same_losses(cluster, refer
     marks.mkdir()
     tree = _recipe_tree(tmp_path / "run", pp=2)
     tree["callbacks"] = [{"type": "tests.ops.holds:HoldUntilStopSignal", "steps": {0: 2, 1: 5},
-                        "marker_dir": str(marks)}]
+                          "marker_dir": str(marks)},
+                         # the second run's rank 3 (node n2) then dies with SIGABRT on its way out
+                         {"type": "tests.ops.holds:AbortOnExit", "restart": 1, "rank": 3}]
     recipe = write_recipe(tmp_path / "r.yaml", tree)
     # 1. time limit: one minute, warning 50 s before it (SLURM checks limits every ~30 s)
     job, out = _submit(cluster, tmp_path, recipe, "--time=1", "--signal=B:USR1@50")
@@ -171,7 +175,13 @@ def test_preemption_saves_requeues_and_resumes_to_the_same_losses(cluster, refer
     assert "restart 1)" in log and "restart 2)" in log, log
     # the third run resumed from `latest`, the checkpoint of the stop at midtrain step 1
     assert "(stage midtrain, step 1" in log, log
-    assert log.count("torchrun exited 0") == 6, log  # 3 runs x 2 nodes, all clean
+    runs = log.split("train.sbatch: job ")[1:]
+    assert len(runs) == 3, log
+    assert runs[0].count("torchrun exited 0") == 2 and runs[2].count("torchrun exited 0") == 2, log
+    # the second run: its checkpoint and marker were done when rank 3 aborted, so it was requeued anyway
+    assert "torchrun exited 1" in runs[1], runs[1]
+    assert re.search(rf"requeueing job {job} although a worker failed on its way out \(exit [1-9]\d*\)", runs[1]), runs[1]
+    assert "although a worker failed" not in runs[0] + runs[2], log
     _assert_losses_match(tmp_path / "run", reference, "pre-empted twice (pp2 x dp2)")
     assert not (tmp_path / "run" / "stopped_by_signal").exists()
 

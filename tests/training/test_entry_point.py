@@ -199,3 +199,44 @@ def test_pretrain_loss_goes_below_unigram_entropy_and_tensorboard_has_it(sample_
     total = sum(per_source.values())
     assert total == LOSS_TEST_STEPS * 4 * 64  # global batch 4 x seq 64 per step
     assert per_source["code"] / total == pytest.approx(0.5, abs=0.02)  # the mixture's weights
+
+
+_FINALIZATION_PROBE = '''
+import atexit, faulthandler
+
+class _Probe:
+    def __del__(self):
+        print("probe: interpreter finalization ran", flush=True)
+
+_probe = _Probe()
+atexit.register(lambda: print(f"probe: atexit ran, faulthandler {faulthandler.is_enabled()}", flush=True))
+'''
+
+
+@pytest.mark.parametrize("case", ["finished", "config_error"])
+def test_the_process_runs_atexit_but_skips_interpreter_finalization(tmp_path, case):
+    """``python -m megatron_phi4.train`` ends through ``train.cli``: gloo's threads are still running
+    at exit (FSDP2 keeps the groups alive), so the process must not go through interpreter
+    finalization, yet the atexit handlers run and main's status is the exit status."""
+    probe_dir = tmp_path / "probe"
+    probe_dir.mkdir()
+    (probe_dir / "sitecustomize.py").write_text(_FINALIZATION_PROBE)
+    run = tmp_path / "run"
+    tree = synthetic_recipe(run, pre_steps=1, mid_steps=0, interval=1)
+    tree["stages"] = tree["stages"][:1]
+    if case == "config_error":
+        tree["stages"][0]["train_steps"] = -1
+    r = run_cli("--config", write_recipe(tmp_path / "r.yaml", tree),
+                env_extra={"PYTHONPATH": f"{probe_dir}:{REPO}"})
+    assert r.returncode == (0 if case == "finished" else 2), (r.stdout[-2000:], r.stderr[-2000:])
+    assert "probe: atexit ran, faulthandler True" in r.stdout, r.stdout[-2000:]
+    assert "probe: interpreter finalization ran" not in r.stdout, r.stdout[-2000:]
+    if case == "finished":
+        assert "=== summary" in r.stdout and sorted(losses(run)) == [("pretrain", 1)], r.stdout[-2000:]
+
+
+def test_the_console_script_ends_through_cli():
+    from importlib.metadata import entry_points
+
+    (script,) = [e for e in entry_points(group="console_scripts") if e.name == "phi4-train"]
+    assert script.value == "megatron_phi4.train:cli"
