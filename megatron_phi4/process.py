@@ -7,9 +7,11 @@ active exception", C++'s verdict on a thread torn down mid-flight), and the job 
 being requeued. It did not recur in 6 reruns of that test nor in 80 stress runs of exiting gloo
 ranks, so its cause is inferred, not shown: ``destroy_process_group()`` does not stop gloo's
 threads (each group's TCP loop and worker threads run until the group object is freed), and once
-FSDP2 has sharded a module something inside torch keeps the groups referenced to the end (torch
-2.13: after ``fully_shard`` of one ``Linear`` over a DP=2 mesh, the group's threads outlive
-``del`` of module and mesh, ``destroy_process_group()`` and ``gc.collect()``; a trainer likewise).
+FSDP2 has sharded a module, DTensor's sharding-propagation cache keeps DTensorSpecs, hence the
+device mesh and its groups, alive to the end (torch 2.13: after ``fully_shard`` of one ``Linear``
+over a DP=2 mesh, the group's threads outlive ``del`` of module and mesh,
+``destroy_process_group()`` and ``gc.collect()``, and go only when the private
+``torch.distributed.tensor.debug._clear_sharding_prop_cache()`` runs; a trainer likewise).
 Those threads are thus still running while the interpreter finalizes and C++ static objects are
 destroyed -- the moment the other ranks exit and close their sockets. Leaving with ``os._exit``
 removes that window whatever the exact race.
