@@ -175,7 +175,12 @@ def _main(argv: list[str] | None, early_stop: EarlyStop) -> int:
         if dims.world_size > 1:
             # No rank leaves before rank 0 has written what the batch script reads: a rank that
             # dies on its way out (megatron_phi4/process.py) cannot take the requeue with it.
-            dist.barrier()
+            try:
+                dist.barrier()
+            except Exception as e:  # noqa: BLE001 -- a peer is gone; what the run had to write is written
+                print(f"phi4-train: rank {dims.rank}: a peer left before the final barrier: {type(e).__name__}: {e}",
+                      file=sys.stderr, flush=True)
+                return 1
         dist.destroy_process_group()
     return 0
 

@@ -25,7 +25,8 @@ case "$1 $2" in
 esac
 """
 
-# srun: record argv; then act per FAKE_SRUN: ok | stop | fail | wait (until SIGUSR1, then stop)
+# srun: record argv; then act per FAKE_SRUN: ok | stop | fail (no marker) | stop_then_fail (a worker
+# failed after rank 0 wrote the marker) | wait (until SIGUSR1, then stop)
 FAKE_SRUN = r"""#!/bin/bash
 echo "srun $*" >> "$FAKE_LOG"
 stop() { echo "srun got USR1" >> "$FAKE_LOG"; got=1; }
@@ -33,7 +34,8 @@ trap stop USR1
 got=0
 case "$FAKE_SRUN" in
   ok) exit 0 ;;
-  fail) echo '{}' > "$RUN_DIR/stopped_by_signal"; exit 1 ;;
+  fail) exit 1 ;;
+  stop_then_fail) echo '{}' > "$RUN_DIR/stopped_by_signal"; exit 137 ;;
   stop) echo '{}' > "$RUN_DIR/stopped_by_signal"; exit 0 ;;
   wait) echo ready > "$FAKE_READY"
         for i in $(seq 600); do (( got )) && break; sleep 0.05; done
@@ -107,7 +109,7 @@ def test_srun_launcher_one_task_per_gpu(fake):
     assert "trap" in line  # the workers start with the stop signals ignored
 
 
-def test_requeue_only_after_a_clean_stop_on_a_signal(fake):
+def test_requeue_only_after_a_saved_stop_on_a_signal(fake):
     env, log = fake
     Path(env["RUN_DIR"]).mkdir()
     (Path(env["RUN_DIR"]) / "stopped_by_signal").write_text("{}")  # stale: must be removed first
@@ -118,9 +120,15 @@ def test_requeue_only_after_a_clean_stop_on_a_signal(fake):
     out, _ = p.communicate(timeout=60)
     assert p.returncode == 0 and "scontrol requeue 4242" in log.read_text(), out
     log.write_text("")
-    p = _sbatch(env, mode="fail")  # a marker but a failed step: no requeue, the failure is reported
+    p = _sbatch(env, mode="fail")  # no marker, a failed step: no requeue, the failure is reported
     out, _ = p.communicate(timeout=60)
     assert p.returncode == 1 and "scontrol requeue" not in log.read_text() and "training failed (exit 1)" in out
+    # the marker, then a worker failed on its way out: the stop's checkpoint is complete, requeue anyway
+    log.write_text("")
+    p = _sbatch(env, mode="stop_then_fail")
+    out, _ = p.communicate(timeout=60)
+    assert p.returncode == 0 and "scontrol requeue 4242" in log.read_text(), out
+    assert "requeueing job 4242 although a worker failed on its way out (exit 137)" in out, out
     log.write_text("")
     p = _sbatch(env, mode="stop", REQUEUE="0")
     out, _ = p.communicate(timeout=60)
