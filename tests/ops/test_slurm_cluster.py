@@ -9,10 +9,11 @@ recipe (losses from metrics.jsonl, rel 1e-5).
   --signal=B:USR1@50``) and ``scancel --signal=USR1 -b``; each time every worker gets the signal,
   saves, exits 0, the script requeues the job, and the requeued job resumes from ``latest``; after
   two requeues the run completes with the losses of an uninterrupted run (PP2 x DP2). In the
-  second run one worker dies with SIGABRT on its way out, after the checkpoint: requeued anyway. The second
-  signal is sent while all workers are held after a known step, and they stay held until *each*
-  of them has it; the time limit's warning lands wherever SLURM's periodic check puts it (during
-  start-up it is kept and stops the run after step 1; otherwise the run holds at step 2 for it).
+  second run one worker dies with SIGABRT on its way out, after the checkpoint: requeued anyway.
+  The second signal is sent while all workers are held after a known step, and they stay held
+  until *each* of them has it; the time limit's warning lands wherever SLURM's periodic check puts
+  it (during start-up it is kept and stops the run after step 1; otherwise the run holds at step 2
+  for it).
 * ``torchrun --nnodes 2`` without SLURM on 127.0.0.2 / 127.0.0.3 (TP2 x PP2): one node is killed
   mid-step; the survivor fails with a clear error well within ``parallel.timeout_minutes``; a
   restart of both nodes resumes from the checkpoint and finishes with the same losses.
