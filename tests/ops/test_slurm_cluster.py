@@ -181,7 +181,8 @@ def test_preemption_saves_requeues_and_resumes_to_the_same_losses(cluster, refer
     assert runs[0].count("torchrun exited 0") == 2 and runs[2].count("torchrun exited 0") == 2, log
     # the second run: its checkpoint and marker were done when rank 3 aborted, so it was requeued anyway
     assert "torchrun exited 1" in runs[1], runs[1]
-    assert re.search(rf"requeueing job {job} although a worker failed on its way out \(exit [1-9]\d*\)", runs[1]), runs[1]
+    requeued_anyway = rf"requeueing job {job} although a worker failed on its way out \(exit [1-9]\d*\)"
+    assert re.search(requeued_anyway, runs[1]), runs[1]
     assert "although a worker failed" not in runs[0] + runs[2], log
     _assert_losses_match(tmp_path / "run", reference, "pre-empted twice (pp2 x dp2)")
     assert not (tmp_path / "run" / "stopped_by_signal").exists()
