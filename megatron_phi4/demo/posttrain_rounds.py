@@ -101,10 +101,11 @@ class PostTrainBudget:
             v = getattr(self, f.name)
             if f.type == "int" and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"PostTrainBudget.{f.name}: expected an int >= 1, got {v!r}")
-            if f.type == "float" and not (isinstance(v, (int, float)) and v > 0) and f.name not in OPTIONAL_ZERO:
+            if f.type == "float" and f.name in OPTIONAL_ZERO:
+                if not (isinstance(v, (int, float)) and 0 <= v < float("inf")):
+                    raise ValueError(f"PostTrainBudget.{f.name}: expected a finite number >= 0, got {v!r}")
+            elif f.type == "float" and not (isinstance(v, (int, float)) and v > 0):
                 raise ValueError(f"PostTrainBudget.{f.name}: expected a number > 0, got {v!r}")
-        if not (isinstance(self.dpo_sft_weight, (int, float)) and 0 <= self.dpo_sft_weight < float("inf")):
-            raise ValueError(f"PostTrainBudget.dpo_sft_weight: expected a finite number >= 0, got {self.dpo_sft_weight!r}")
         if self.pts_p_gap > 1:
             raise ValueError(f"PostTrainBudget.pts_p_gap: expected a number in (0, 1], got {self.pts_p_gap}")
         if self.dpo_global_batch % self.dpo_micro_batch:
